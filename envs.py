@@ -1,0 +1,557 @@
+"""The four "gym_cards" tasks of RL4VLM as image-observation gymnasium environments.
+
+Paper: "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via Reinforcement
+Learning", Zhai et al. 2024, https://arxiv.org/abs/2405.10292. The agent sees only an RGB image
+(np.uint8, image_size x image_size x 3) and picks a named action (`env.action_names[id]`):
+
+    NumberLine  move "current" onto "target" with "-" / "+"
+    EZPoints    write a formula with the two cards that equals 12 ("1".."10", "+", "*", "=")
+    Points24    write a formula with the four cards that equals 24 (+ - * / ( ) as well)
+    Blackjack   "stand" or "hit" against a dealer whose second card is face down
+
+Deliberate departures from the original implementation:
+  * all randomness (deals, suits, draws) goes through the env's own `self.np_random`, so
+    `reset(seed=s)` reproduces a deal and its images exactly;
+  * formulas are evaluated exactly with `fractions.Fraction` by a small recursive-descent parser
+    (`evaluate`): never `eval`, never float equality, so 8 / (3 - 8 / 3) is exactly 24; two
+    numbers in a row do not concatenate; a malformed formula or a division by zero is simply
+    a wrong answer (-1), never an exception;
+  * nothing is read from disk: cards and text are drawn with Pillow's built-in font, and the
+    layouts are sized to stay legible after downscaling to 112x112 or 84x84.
+Each env also has `expert_action()`, the best action from the true state (exact solver for
+the formula games, a dynamic-programming policy for Blackjack), used for demonstrations.
+
+Play a game in a Python shell:
+    >>> import envs; env = envs.make("points24"); obs, info = env.reset(seed=0); info["cards"]
+    >>> obs, reward, terminated, truncated, info = env.step(env.action_names.index("8"))
+    >>> env.step(env.expert_action())   # let the expert continue
+"""
+import functools
+import math
+from fractions import Fraction
+
+import gymnasium as gym
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+RANKS = ["A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]
+VALUE = {r: min(i + 1, 10) for i, r in enumerate(RANKS)}  # A=1, J/Q/K=10
+SUITS = "SHDC"  # spades, hearts, diamonds, clubs
+FELT, INK, RED = (25, 110, 60), (15, 15, 15), (200, 0, 20)
+
+
+# ---------------------------------------------------------------- drawing (all sprites cached)
+@functools.lru_cache(maxsize=None)
+def _font(size):
+    return ImageFont.load_default(size=size)
+
+
+def _text(draw, xy, text, size, fill=INK, anchor="mm", max_width=None):
+    """Bold text (a stroke in the same colour) at `size` px, shrunk to fit `max_width`."""
+    size = int(size)
+    if max_width is not None:
+        width = draw.textlength(text, font=_font(size)) or 1
+        size = int(min(size, size * max_width / (width * 1.08)))
+    size = max(size, 6)
+    draw.text(xy, text, font=_font(size), fill=fill, anchor=anchor,
+              stroke_width=round(size / 28), stroke_fill=fill)  # none below ~15 px: it blurs
+
+
+def _suit(draw, suit, x, y, s, fill):
+    """A suit symbol as plain shapes in the square (x, y, s)."""
+    def circle(cx, cy, r):
+        draw.ellipse((x + (cx - r) * s, y + (cy - r) * s, x + (cx + r) * s, y + (cy + r) * s), fill=fill)
+    def poly(*pts):
+        draw.polygon([(x + px * s, y + py * s) for px, py in pts], fill=fill)
+    if suit == "D":
+        poly((0.5, 0), (0.9, 0.5), (0.5, 1), (0.1, 0.5))
+    elif suit == "H":
+        circle(0.28, 0.32, 0.25), circle(0.72, 0.32, 0.25), poly((0.04, 0.4), (0.96, 0.4), (0.5, 1))
+    elif suit == "S":
+        circle(0.28, 0.6, 0.22), circle(0.72, 0.6, 0.22), poly((0.07, 0.55), (0.93, 0.55), (0.5, 0))
+        poly((0.5, 0.6), (0.3, 1), (0.7, 1))
+    else:  # clubs
+        circle(0.5, 0.26, 0.22), circle(0.26, 0.6, 0.22), circle(0.74, 0.6, 0.22)
+        poly((0.5, 0.5), (0.3, 1), (0.7, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _card(rank, suit, w, h, bg=FELT):
+    """A face-up card (rank=None: a card back), drawn 4x larger and downsampled for smooth edges."""
+    k = 4
+    img = Image.new("RGB", (w * k, h * k), bg)
+    d = ImageDraw.Draw(img)
+    box, radius, border = (0, 0, w * k - 1, h * k - 1), min(w, h) * k // 8, max(k, min(w, h) * k // 28)
+    if rank is None:  # a plain blue back with a frame: clearly not a face
+        d.rounded_rectangle(box, radius, fill=(30, 60, 170), outline=(240, 240, 240), width=2 * border)
+        inset = min(w, h) * k // 6
+        d.rounded_rectangle((inset, inset, w * k - inset, h * k - inset), radius // 2, outline=(130, 160, 235), width=border)
+    else:
+        color = RED if suit in "HD" else INK
+        d.rounded_rectangle(box, radius, fill="white", outline=(60, 60, 60), width=border)
+        s = min(0.2 * h, 0.2 * w) * k  # small suit symbols in two corners; the rank dominates
+        _suit(d, suit, 0.05 * w * k, 0.05 * h * k, s, color)
+        _suit(d, suit, w * k - 0.05 * w * k - s, h * k - 0.05 * h * k - s, s, color)
+        # "10" is ~1.2 x size wide, digits ~0.72 x size tall; on a wide card the suits sit beside the
+        # rank (leave them 38% of the width), on a tall one above and below it
+        size = min((0.62 if w > h else 0.86) * w / 1.2, 0.6 * h / 0.72) * k
+        _text(d, (w * k / 2, h * k / 2), rank, size, color)
+    return img.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def _draw_cards(img, cards, box, cols, aspect):
+    """Paste cards [(rank, suit) or None for a back] centred in box, `cols` per row."""
+    x0, y0, x1, y1 = box
+    rows, cols = math.ceil(len(cards) / cols), min(cols, len(cards))
+    gap = max(2, (x1 - x0) // 40)
+    h = ((y1 - y0) - gap * (rows - 1)) // rows
+    w = min(int(h * aspect), ((x1 - x0) - gap * (cols - 1)) // cols)
+    for i, card in enumerate(cards):
+        r, c = divmod(i, cols)
+        in_row = min(cols, len(cards) - r * cols)
+        left = x0 + ((x1 - x0) - in_row * w - (in_row - 1) * gap) // 2
+        sprite = _card(None, None, w, h) if card is None else _card(card[0], card[1], w, h)
+        img.paste(sprite, (left + c * (w + gap), y0 + r * (h + gap)))
+
+
+# ---------------------------------------------------------------- exact formulas
+class _Malformed(Exception):
+    pass
+
+
+def evaluate(tokens):
+    """Exact value (Fraction) of a token list such as ["8", "/", "(", "3", "-", "8", "/", "3", ")"],
+    or None if it is malformed or divides by zero. Grammar: expr = term {(+|-) term};
+    term = factor {(*|/) factor}; factor = number | "(" expr ")"."""
+    pos = 0
+
+    def take(expected=None):
+        nonlocal pos
+        if pos >= len(tokens) or (expected is not None and tokens[pos] != expected):
+            raise _Malformed
+        pos += 1
+        return tokens[pos - 1]
+
+    def factor():
+        tok = take()
+        if tok == "(":
+            value = expr()
+            take(")")
+            return value
+        if not tok.isdecimal():
+            raise _Malformed
+        return Fraction(int(tok))
+
+    def term():
+        value = factor()
+        while pos < len(tokens) and tokens[pos] in ("*", "/"):
+            op, rhs = take(), factor()
+            if op == "/" and rhs == 0:
+                raise _Malformed
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def expr():
+        value = term()
+        while pos < len(tokens) and tokens[pos] in ("+", "-"):
+            value = value + term() if take() == "+" else value - term()
+        return value
+
+    try:
+        value = expr()
+        return value if pos == len(tokens) else None  # leftovers, e.g. "3 8": no concatenation
+    except _Malformed:
+        return None
+
+
+PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def _combine(op, ta, pa, tb, pb):
+    """Tokens and precedence of (a op b), with parentheses only where precedence needs them."""
+    p = PREC[op]
+    left = ("(",) + ta + (")",) if pa < p else ta
+    right = ("(",) + tb + (")",) if pb < p or (pb == p and op in "-/") else tb
+    return left + (op,) + right, p
+
+
+def _splits(mask):
+    """Every non-empty proper submask of `mask` (both sides of each split appear, so a-b and b-a)."""
+    sub = (mask - 1) & mask
+    while sub:
+        yield sub
+        sub = (sub - 1) & mask
+
+
+@functools.lru_cache(maxsize=None)
+def solve(numbers, target, ops="+-*/"):
+    """All token tuples that use each of `numbers` (a sorted tuple, 2 or more) exactly once and
+    equal `target` (non-zero), shortest first. Exhaustive over subsets as bitmasks: an expression
+    over a subset is (expression over a part) op (expression over the rest)."""
+    target, full = Fraction(target), (1 << len(numbers)) - 1
+    exprs = {}  # mask -> {tokens: (value, precedence)}
+    for mask in range(1, full):  # submasks are smaller numbers, so they are ready
+        if mask & (mask - 1) == 0:
+            x = numbers[mask.bit_length() - 1]
+            exprs[mask] = {(str(x),): (Fraction(x), 3)}
+            continue
+        out = exprs[mask] = {}
+        for sub in _splits(mask):
+            for ta, (a, pa) in exprs[sub].items():
+                for tb, (b, pb) in exprs[mask ^ sub].items():
+                    for op in ops:
+                        if op != "/" or b:
+                            v = a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
+                            tokens, p = _combine(op, ta, pa, tb, pb)
+                            out[tokens] = (v, p)
+    by_value = {}  # the top level needs a op b == target: look up the b that each a needs
+    for mask, group in exprs.items():
+        for tokens, (v, p) in group.items():
+            by_value.setdefault((mask, v), []).append((tokens, p))
+    solutions = set()
+    for sub in _splits(full):
+        rest = full ^ sub
+        if (len(exprs[sub]), sub) > (len(exprs[rest]), rest):
+            continue  # walk the smaller side of each split once, as left and as right operand
+        for tk, (k, pk) in exprs[sub].items():
+            for op in ops:  # solve k op x == target (x on the right) and x op k == target (x on the left)
+                if op == "+":
+                    x_right = x_left = target - k
+                elif op == "-":
+                    x_right, x_left = k - target, target + k
+                elif not k:
+                    continue  # 0 * x and 0 / x are never the (non-zero) target; x / 0 is undefined
+                elif op == "*":
+                    x_right = x_left = target / k
+                else:
+                    x_right, x_left = k / target, target * k
+                for tx, px in by_value.get((rest, x_right), ()):
+                    solutions.add(_combine(op, tk, pk, tx, px)[0])
+                for tx, px in by_value.get((rest, x_left), ()):
+                    solutions.add(_combine(op, tx, px, tk, pk)[0])
+    return tuple(sorted(solutions, key=lambda t: (len(t), t)))
+
+
+# ---------------------------------------------------------------- Blackjack helpers
+DRAW = [(v, (4 if v == 10 else 1) / 13) for v in range(1, 11)]  # infinite deck: value, probability
+
+
+def hand_value(ranks):
+    """(best total, usable ace): an ace counts 11 when that does not bust."""
+    hard = sum(VALUE[r] for r in ranks)
+    return _best(hard, "A" in ranks), _best(hard, "A" in ranks) != hard
+
+
+def _best(hard, ace):
+    return hard + 10 if ace and hard + 10 <= 21 else hard
+
+
+@functools.lru_cache(maxsize=None)
+def _dealer_final(hard, ace):
+    """Distribution {final total (0 = bust): probability} of a dealer who draws to 17."""
+    t = _best(hard, ace)
+    if t >= 17:
+        return {t if t <= 21 else 0: 1.0}
+    out = {}
+    for v, p in DRAW:
+        for f, q in _dealer_final(hard + v, ace or v == 1).items():
+            out[f] = out.get(f, 0.0) + p * q
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def blackjack_values(hard, ace, up):
+    """(expected return of standing, of hitting then playing on optimally), dealer up-card value `up`
+    (the hidden card is still unknown, so the dealer starts from the up-card alone)."""
+    t = _best(hard, ace)
+    stand = sum(p * ((t > f) - (t < f)) for f, p in _dealer_final(up, up == 1).items())
+    hit = sum(p * (-1.0 if hard + v > 21 else max(blackjack_values(hard + v, ace or v == 1, up)))
+              for v, p in DRAW)
+    return stand, hit
+
+
+# ---------------------------------------------------------------- environments
+class _Task(gym.Env):
+    """Shared plumbing: image spaces, action checking, render."""
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    action_names = []
+
+    def __init__(self, image_size=224, render_mode=None):
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.image_size, self.render_mode = int(image_size), render_mode
+        self.observation_space = gym.spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(len(self.action_names))
+
+    def _check(self, action):
+        if isinstance(action, np.ndarray) and action.shape == ():
+            action = action.item()
+        if not isinstance(action, (int, np.integer)) or isinstance(action, bool) \
+                or not 0 <= action < len(self.action_names):
+            raise ValueError(f"invalid action {action!r}: expected an integer id in "
+                             f"0..{len(self.action_names) - 1} ({', '.join(self.action_names)})")
+        return self.action_names[int(action)]
+
+    def _options(self, options, keys):
+        if not options:
+            return None
+        if set(options) != set(keys):
+            raise ValueError(f"options must have exactly the keys {keys}, got {sorted(options)}")
+        return options
+
+    def render(self):
+        return self._obs.copy()
+
+
+def _ranks(cards, n=None):
+    if not isinstance(cards, (list, tuple)) or (n is not None and len(cards) != n) \
+            or not all(isinstance(r, str) and r in RANKS for r in cards):
+        raise ValueError(f"expected {n or 'a list of'} card ranks from {RANKS}, got {cards!r}")
+    return list(cards)
+
+
+class NumberLineEnv(_Task):
+    """Move "Current" onto "Target" on the positions 0..max_position.
+
+    Example state: {"target": 3, "current": 1}; the image reads "Target: 3" / "Current: 1".
+    "+" gives reward 0 (closer), then "+" gives +1 and ends the episode. A move that does not get
+    closer (wrong way, or bumping into 0 / max_position) costs -1. Truncated after 2*max_position steps.
+    """
+    action_names = ["-", "+"]
+
+    def __init__(self, image_size=224, render_mode=None, max_position=5):
+        super().__init__(image_size, render_mode)
+        self.max_position = int(max_position)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        if self._options(options, ["current", "target"]):
+            self.target, self.current = options["target"], options["current"]
+            if not all(isinstance(x, int) and 0 <= x <= self.max_position for x in (self.target, self.current)) \
+                    or self.target == self.current:
+                raise ValueError(f"target and current must be different ints in 0..{self.max_position}")
+        else:
+            self.target, self.current = (int(x) for x in self.np_random.choice(self.max_position + 1, 2, replace=False))
+        self.steps = 0
+        self._obs = self._image()
+        return self._obs.copy(), self._info()
+
+    def step(self, action):
+        name = self._check(action)
+        before = abs(self.current - self.target)
+        self.current = min(max(self.current + (1 if name == "+" else -1), 0), self.max_position)
+        self.steps += 1
+        terminated = self.current == self.target
+        reward = 1.0 if terminated else 0.0 if abs(self.current - self.target) < before else -1.0
+        truncated = not terminated and self.steps >= 2 * self.max_position
+        self._obs = self._image()
+        return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def _info(self):
+        return {"target": self.target, "current": self.current}
+
+    def expert_action(self):
+        return self.action_names.index("+" if self.target > self.current else "-")
+
+    def _image(self):
+        return _numberline_image(self.target, self.current, self.image_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _numberline_image(target, current, S):
+    img = Image.new("RGB", (S, S), "white")
+    d = ImageDraw.Draw(img)
+    for i, (label, value) in enumerate((("Target:", target), ("Current:", current))):
+        cy = S * (0.27 + 0.46 * i)
+        _text(d, (0.04 * S, cy), label, 0.16 * S, anchor="lm", max_width=0.6 * S)
+        _text(d, (0.83 * S, cy), str(value), 0.36 * S, fill=(0, 40, 160))
+    return np.array(img)
+
+
+class _FormulaGame(_Task):
+    """Write a formula, one unit (number, operator or parenthesis) per step, then "=".
+
+    Reward 10 at "=" if the formula uses every card's number exactly once and equals the target;
+    -1 at a wrong "=" (ends the episode); -1 for a number that no unused card shows (a blank "_"
+    is written instead, so the formula can no longer be right); truncated with -1 when the formula
+    grows past `max_units` units; 0 otherwise.
+    """
+    n_cards = target = max_units = ops = None  # set by the subclasses
+    card_bottom, card_cols, card_aspect = 0.75, 2, 0.72  # cards above card_bottom * S, formula below
+
+    def __init__(self, image_size=224, render_mode=None):
+        self.action_names = [str(i) for i in range(1, 11)] + list(self.ops) + ["="]
+        super().__init__(image_size, render_mode)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        ranks = _ranks(options["cards"], self.n_cards) if self._options(options, ["cards"]) else self._deal()
+        self.cards = [(r, SUITS[self.np_random.integers(4)]) for r in ranks]
+        self.numbers = [VALUE[r] for r in ranks]
+        self.units = []
+        S = self.image_size  # the cards never change during an episode: draw them once
+        self._table = Image.new("RGB", (S, S), FELT)
+        _draw_cards(self._table, self.cards, (S // 40, S // 40, S - S // 40, int(self.card_bottom * S)),
+                    self.card_cols, self.card_aspect)
+        self._obs = self._image()
+        return self._obs.copy(), self._info()
+
+    def step(self, action):
+        name = self._check(action)
+        reward, terminated, truncated = 0.0, False, False
+        if name == "=":
+            used = sorted(int(u) for u in self.units if u.isdigit())
+            right = used == sorted(self.numbers) and evaluate(self.units) == self.target
+            reward, terminated = (10.0 if right else -1.0), True
+        else:
+            if name.isdigit() and self.units.count(name) >= self.numbers.count(int(name)):
+                name, reward = "_", -1.0  # not on an unused card
+            self.units.append(name)
+            if len(self.units) > self.max_units:
+                reward, truncated = -1.0, True
+        self._obs = self._image()
+        return self._obs.copy(), reward, terminated, truncated, self._info()
+
+    def _info(self):
+        return {"cards": [r for r, _ in self.cards], "numbers": list(self.numbers), "formula": " ".join(self.units)}
+
+    def expert_action(self):
+        """Continue the first (shortest) solution that the formula so far is a prefix of; else give up."""
+        k = len(self.units)
+        for sol in solve(tuple(sorted(self.numbers)), self.target, "".join(o for o in self.ops if o in PREC)):
+            if list(sol[:k]) == self.units:
+                return self.action_names.index(sol[k] if len(sol) > k else "=")
+        return self.action_names.index("=")
+
+    def _image(self):
+        S, img = self.image_size, self._table.copy()
+        top = int(self.card_bottom * S) + S // 40
+        img.paste(_formula_band(tuple(self.units), S - 2 * (S // 40), S - S // 40 - top), (S // 40, top))
+        return np.array(img)
+
+
+@functools.lru_cache(maxsize=4096)
+def _formula_band(units, w, h):
+    """The formula on a white band, compact ("8/(3-8/3)"): a space only between two numbers/blanks."""
+    img = Image.new("RGB", (w, h), FELT)
+    d = ImageDraw.Draw(img)
+    d.rounded_rectangle((0, 0, w - 1, h - 1), max(2, h // 6), fill="white")
+    text = "".join((" " if i and (u[0] in "0123456789_") and (units[i - 1][0] in "0123456789_") else "") + u
+                   for i, u in enumerate(units))
+    _text(d, (w / 2, h / 2), text, 0.7 * h, max_width=0.94 * w)
+    return img
+
+
+class EZPointsEnv(_FormulaGame):
+    """Make 12 from two cards with "+" and "*".
+
+    Example state: cards ["2", "K"] (numbers [2, 10]): "2", "+", "10", "=" earns 10.
+    Deal: the first card is uniform over 2..K; the second is uniform over the ranks whose value
+    makes 12 with it by + or * (2 -> 6, 10, J, Q, K; 6 -> 2, 6; 10/J/Q/K -> 2); their left/right
+    order is then shuffled. So every deal is solvable.
+    """
+    n_cards, target, max_units, ops = 2, 12, 5, ("+", "*")
+
+    def _deal(self):
+        first = RANKS[1 + self.np_random.integers(12)]
+        v = VALUE[first]
+        options = [r for r in RANKS if VALUE[r] + v == 12 or VALUE[r] * v == 12]
+        pair = [first, options[self.np_random.integers(len(options))]]
+        return pair[::-1] if self.np_random.integers(2) else pair
+
+
+class Points24Env(_FormulaGame):
+    """Make 24 from four cards with + - * / and parentheses (J, Q, K count 10; A counts 1).
+
+    Example state: cards ["8", "3", "8", "3"]: "8 / ( 3 - 8 / 3 )" then "=" earns 10.
+    Deal: four ranks uniform over A..K; about 73.1% of deals are solvable.
+    """
+    n_cards, target, max_units, ops = 4, 24, 20, ("+", "-", "*", "/", "(", ")")
+    card_aspect = 1.3  # a 2x2 grid of wide cards keeps the ranks big
+
+    def _deal(self):
+        return [RANKS[i] for i in self.np_random.integers(13, size=4)]
+
+
+class BlackjackEnv(_Task):
+    """Gymnasium's Blackjack rules on an infinite deck: "hit" draws a card (over 21 loses, -1);
+    "stand" lets the dealer draw to 17 (stands on soft 17); +1 win, 0 draw, -1 loss, no natural
+    bonus. The dealer's second card is face down until the episode ends.
+
+    Example state: {"player_cards": ["A", "7"], "player_total": 18, "usable_ace": True, "dealer_card": "10"}.
+    """
+    action_names = ["stand", "hit"]
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        if self._options(options, ["dealer", "player"]):
+            player, dealer = _ranks(options["player"]), _ranks(options["dealer"], 2)
+            if len(player) < 2 or hand_value(player)[0] > 21:
+                raise ValueError(f"the player needs at least 2 cards and at most 21 points, got {player}")
+            self.player = [(r, SUITS[self.np_random.integers(4)]) for r in player]
+            self.dealer = [(r, SUITS[self.np_random.integers(4)]) for r in dealer]
+        else:
+            self.dealer = [self._draw(), self._draw()]
+            self.player = [self._draw(), self._draw()]
+        self.done = False
+        self._obs = self._image()
+        return self._obs.copy(), self._info()
+
+    def _draw(self):
+        return RANKS[self.np_random.integers(13)], SUITS[self.np_random.integers(4)]
+
+    def step(self, action):
+        name, reward = self._check(action), 0.0
+        if name == "hit":
+            self.player.append(self._draw())
+            if hand_value([r for r, _ in self.player])[0] > 21:
+                reward, self.done = -1.0, True
+        else:
+            while hand_value([r for r, _ in self.dealer])[0] < 17:
+                self.dealer.append(self._draw())
+            p, d = (hand_value([r for r, _ in hand])[0] for hand in (self.player, self.dealer))
+            d = 0 if d > 21 else d
+            reward, self.done = float((p > d) - (p < d)), True
+        self._obs = self._image()
+        return self._obs.copy(), reward, self.done, False, self._info()
+
+    def _info(self):
+        total, ace = hand_value([r for r, _ in self.player])
+        info = {"player_cards": [r for r, _ in self.player], "player_total": total,
+                "usable_ace": ace, "dealer_card": self.dealer[0][0]}
+        if self.done:
+            info["dealer_cards"] = [r for r, _ in self.dealer]
+            info["dealer_total"] = hand_value(info["dealer_cards"])[0]
+        return info
+
+    def expert_action(self):
+        """Hit when hitting has the higher expected return (exact DP over the infinite deck)."""
+        ranks = [r for r, _ in self.player]
+        stand, hit = blackjack_values(sum(VALUE[r] for r in ranks), "A" in ranks, VALUE[self.dealer[0][0]])
+        return self.action_names.index("hit" if hit > stand else "stand")
+
+    def _image(self):
+        S = self.image_size
+        img = Image.new("RGB", (S, S), FELT)
+        g = S // 40
+        dealer = self.dealer if self.done else [self.dealer[0], None]  # None: the face-down card
+        _draw_cards(img, dealer, (g, g, S - g, int(0.45 * S)), 6, 0.72)
+        ImageDraw.Draw(img).line((g, int(0.485 * S), S - g, int(0.485 * S)), fill=(200, 230, 200), width=max(1, S // 112))
+        n = len(self.player)
+        _draw_cards(img, self.player, (g, int(0.52 * S), S - g, S - g), n if n <= 5 else math.ceil(n / 2), 0.72)
+        return np.array(img)
+
+
+# ---------------------------------------------------------------- registration
+TASKS = {"numberline": "rl4vlm/NumberLine-v0", "ezpoints": "rl4vlm/EZPoints-v0",
+         "points24": "rl4vlm/Points24-v0", "blackjack": "rl4vlm/Blackjack-v0"}
+for _id, _cls in zip(TASKS.values(), ("NumberLineEnv", "EZPointsEnv", "Points24Env", "BlackjackEnv")):
+    if _id not in gym.registry:  # importing twice must not re-register; the string entry point
+        gym.register(id=_id, entry_point=f"{__name__}:{_cls}")  # finds this module, even reloaded
+
+
+def make(task, **kwargs):
+    """make("points24", image_size=112) -> the unwrapped env for a short task name."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return gym.make(TASKS[task], **kwargs).unwrapped

@@ -1,0 +1,947 @@
+"""RL4VLM in one file: fine-tune a vision-language model (VLM) as a decision-making agent with PPO.
+
+Paper: Zhai et al., "Fine-Tuning Large Vision-Language Models as Decision-Making Agents via
+Reinforcement Learning", NeurIPS 2024, https://arxiv.org/abs/2405.10292
+
+At every step the VLM sees the environment's image and a prompt that lists the legal actions, writes
+a JSON answer {"...": ..., "thoughts": "...", "action": "..."} (chain-of-thought first), the answer is
+parsed into an action, and PPO trains the VLM on the task reward with
+    log pi(a|s) = thought_coef * log p(thought tokens) + log p(action tokens)       (paper Sec. 4.2)
+and a value head on the VLM's last hidden state at the end of the prompt.
+
+The file runs top to bottom in the order the method does: arguments, prompts, action parsing, the
+model, generation, scoring, supervised warm start (SFT), rollouts, GAE, the PPO update, evaluation,
+saving, and the main loop.
+
+How this file departs from the paper (on purpose):
+- `--model tiny` (the default) builds a small LLaVA-architecture VLM from configs, with a tokenizer
+  trained on the task texts, so the whole method runs on a laptop CPU with nothing downloaded. It
+  starts from random weights, so it is fully fine-tuned (no LoRA) and its SFT warm start is made on
+  the fly from the environments' scripted experts instead of a fixed data set.
+- The SFT demonstrations' actions come from the expert only with probability --sft-expert-prob and
+  are uniformly random otherwise, while their thoughts always describe the true state: SFT teaches
+  reading the image and the answer format, and RL has the deciding left to learn.
+- Learning rate, rollout size and PPO epochs suit the tiny model (the paper used 7B LLaVA, LoRA,
+  lr 1e-5, 512-step rollouts on 8 A100s). gamma, gae_lambda, clip_coef, temperature and thought_coef
+  are the paper's.
+- A step whose answer names no legal action is played with a uniformly random legal action (as in
+  the paper) and counted in the `invalid` rate.
+
+Run:
+    python rl4vlm.py --task numberline                   # SFT warm start + PPO, tiny model, CPU
+    python rl4vlm.py --task blackjack --no-cot           # the paper's CoT ablation
+    python rl4vlm.py --model llava-hf/llava-1.5-7b-hf --lora --sft-steps 0   # a real checkpoint, GPU
+    python rl4vlm.py --load runs/numberline-s1/model --num-updates 0 --eval-episodes 500
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments. Parsed before torch and transformers are imported, so `--help` answers at once.
+
+TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS holds the gym ids
+
+
+def positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {s}")
+    return v
+
+
+def positive_float(s):
+    v = float(s)
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def unit_float(s):
+    v = float(s)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
+    return v
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump: the error is what the user needs to see
+        sys.exit(f"rl4vlm.py: error: {message} (see --help)")
+
+
+def parse_args(argv=None):
+    p = Parser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym_cards tasks.")
+    g = p.add_argument_group("environment")
+    g.add_argument("--task", default="numberline", choices=TASK_NAMES, help="which gym_cards task")
+    g.add_argument("--num-envs", type=positive_int, default=8,
+                   help="parallel environments; one batched generate call serves them all")
+    g.add_argument("--seed", type=int, default=1, help="seeds torch, python and the environments")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
+                   help="'tiny' builds a small LLaVA-architecture VLM offline; otherwise a local folder "
+                        "or hub id of a LLaVA-family checkpoint (llava-hf LLaVA-1.5 / 1.6 style)")
+    g.add_argument("--load", default=None, help="resume from (or evaluate) a folder written by --save-dir")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model (needs peft)")
+    g.add_argument("--lora-rank", type=positive_int, default=128, help="LoRA rank r (alpha = 2r)")
+    g.add_argument("--tiny-size", default="small", choices=["mini", "small", "base"],
+                   help="size of the tiny model: mini 0.7M, small 3.9M, base 8.6M parameters")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--temperature", type=positive_float, default=0.2, help="sampling temperature (paper: 0.2)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=96, help="longest answer, in tokens")
+    g.add_argument("--no-cot", action="store_true",
+                   help="ask for the action alone, without thoughts (the paper's CoT ablation)")
+
+    g = p.add_argument_group("supervised warm start (SFT)")
+    g.add_argument("--sft-steps", type=nonneg_int, default=None,
+                   help="SFT steps before RL (default: 400 for the tiny model, 0 with --load or --model PATH)")
+    g.add_argument("--sft-batch-size", type=positive_int, default=16, help="demonstrations per SFT step")
+    g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
+    g.add_argument("--sft-expert-prob", type=unit_float, default=0.0,
+                   help="share of demonstration actions taken from the expert; the rest are uniformly random")
+
+    g = p.add_argument_group("PPO")
+    g.add_argument("--num-updates", type=nonneg_int, default=30, help="PPO updates (rollout + optimisation)")
+    g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
+    g.add_argument("--lr", type=positive_float, default=3e-4, help="Adam learning rate, cosine-decayed over the run")
+    g.add_argument("--gamma", type=float, default=0.9, help="discount (paper: 0.9)")
+    g.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda (paper: 0.95)")
+    g.add_argument("--clip-coef", type=positive_float, default=0.1, help="PPO ratio and value clip (paper: 0.1)")
+    g.add_argument("--vf-coef", type=float, default=0.5, help="value loss coefficient")
+    g.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient norm clip")
+    g.add_argument("--update-epochs", type=positive_int, default=2, help="PPO epochs over each rollout")
+    g.add_argument("--minibatch-size", type=positive_int, default=32, help="samples per optimiser step")
+    g.add_argument("--micro-batch-size", type=positive_int, default=32,
+                   help="samples per forward pass; gradients accumulate up to --minibatch-size")
+    g.add_argument("--thought-coef", type=unit_float, default=0.5,
+                   help="lambda, the weight of the thought tokens' log-prob (paper: 0.5)")
+
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-episodes", type=nonneg_int, default=200,
+                   help="episodes on fixed seeds, evaluated after SFT and after RL (0: skip)")
+    g.add_argument("--save-dir", default=None,
+                   help="where the model, processor, value head and metrics go (default runs/TASK-sSEED)")
+    args = p.parse_args(argv)
+    if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
+        p.error("--minibatch-size must be a multiple of --micro-batch-size")
+    args.save_dir = args.save_dir or os.path.join("runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}")
+    if args.sft_steps is None:
+        args.sft_steps = 400 if (args.model == "tiny" and args.load is None) else 0
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import numpy as np  # noqa: E402  (heavy imports after parsing, see above)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: E402
+
+import envs  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts (paper Fig. 3): the task, the legal actions, and the JSON format with the task's
+# chain-of-thought fields first, "thoughts" next and "action" last.
+
+TASK_TEXT = {
+    "numberline": "You are playing Number Line. The image shows a target number and a current number. "
+                  "Move the current number to the target: \"+\" adds one, \"-\" subtracts one.",
+    "ezpoints": "You are playing EZ Points. The image shows two playing cards; J, Q and K count as 10 "
+                "and A as 1. Write a formula that uses the number of each card exactly once and equals 12. "
+                "Each action appends a number or an operator to the formula; \"=\" submits it.",
+    "points24": "You are playing Points 24. The image shows four playing cards; J, Q and K count as 10 "
+                "and A as 1. Write a formula that uses the number of each card exactly once and equals 24. "
+                "Each action appends a number, an operator or a bracket to the formula; \"=\" submits it.",
+    "blackjack": "You are playing Blackjack. The image shows the dealer's cards on top (the second one is "
+                 "face down) and your cards below; J, Q and K count as 10, A as 1 or 11. Beat the dealer's "
+                 "total without going over 21: \"hit\" takes another card, \"stand\" ends your turn.",
+}
+
+
+def cot_fields(task, info):
+    """The chain-of-thought fields of a task, filled with the true state (what a demo writes)."""
+    if task == "numberline":
+        return {"current number": info["current"], "target number": info["target"]}
+    if task in ("ezpoints", "points24"):
+        return {"cards": info["numbers"], "formula": info["formula"]}
+    return {"dealer card": info["dealer_card"], "my cards": info["player_cards"], "my total": info["player_total"]}
+
+
+def thoughts_text(task, info):
+    """A one-sentence description of the state: the demos' thoughts (they never say what to do)."""
+    if task == "numberline":
+        return f"The current number is {info['current']} and the target is {info['target']}."
+    if task in ("ezpoints", "points24"):
+        return f"The cards are {', '.join(map(str, info['numbers']))} and the formula is '{info['formula']}'."
+    soft = " with a usable ace" if info["usable_ace"] else ""
+    return f"I have {info['player_total']}{soft} and the dealer shows {info['dealer_card']}."
+
+
+def build_prompt(task, action_names, info, cot=True):
+    """The user prompt for one step. `info` is the env's info dict (it holds the formula so far)."""
+    lines = [TASK_TEXT[task]]
+    if task in ("ezpoints", "points24"):
+        lines.append(f"The formula so far is '{info['formula']}'.")
+    lines.append("Legal actions: " + ", ".join(f'"{a}"' for a in action_names) + ".")
+    if cot:
+        fields = ", ".join(f'"{k}": ...' for k in cot_fields(task, info))
+        lines.append("Answer with one JSON object: {" + fields + ', "thoughts": "...", "action": "..."}. '
+                     "Read the image into the first fields, think, then give exactly one legal action.")
+    else:
+        lines.append('Answer with one JSON object: {"action": "..."} holding exactly one legal action.')
+    return "\n".join(lines)
+
+
+def format_response(task, info, action_name, cot=True):
+    """A well-formed answer: what SFT demonstrations teach, and what parse_action reads best."""
+    answer = {**cot_fields(task, info), "thoughts": thoughts_text(task, info)} if cot else {}
+    answer["action"] = action_name
+    return json.dumps(answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Action parsing: text -> the index of the one legal action it chooses, or None.
+
+MAX_PARSE_CHARS = 8192  # answers are at most --max-new-tokens long; bound the work on any input
+
+
+def _legal_index(value, action_names):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    if isinstance(value, float):  # {"action": 5.0} means "5"
+        value = str(int(value)) if value.is_integer() else str(value)
+    value = str(value).strip().strip("\"'").strip().lower()
+    hits = [i for i, name in enumerate(action_names) if name.lower() == value]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _json_objects(text):
+    """Every top-level {...} in the text that json can read, trying light repairs of model output."""
+    variants = [text, re.sub(r",\s*([}\]])", r"\1", text)]  # trailing commas
+    if '"' not in text:
+        variants.append(variants[1].replace("'", '"'))  # single quotes, as Python's repr writes them
+    decoder = json.JSONDecoder()
+    for variant in variants:
+        objects, i = [], variant.find("{")
+        for _ in range(64):  # at most 64 attempts: "{{{{..." cannot make this quadratic
+            if i < 0:
+                break
+            try:
+                obj, end = decoder.raw_decode(variant, i)
+                objects.append(obj)
+                i = variant.find("{", end)
+            except (ValueError, RecursionError):
+                i = variant.find("{", i + 1)
+        dicts = [o for o in objects if isinstance(o, dict)]
+        if dicts:
+            return dicts
+    return []
+
+
+_ACTION_VALUE = re.compile(r"""["']?action["']?\s*:\s*("[^"]*"|'[^']*'|[^,}\n]*)""", re.IGNORECASE)
+
+
+def parse_action(text, action_names):
+    """Index of the legal action the answer chooses, or None (no action, or more than one).
+
+    JSON first (code fences, text around the object, single quotes, trailing commas and numbers for
+    strings are fine); then the paper's rule: the values written after `"action":` name exactly one
+    legal action. Never raises.
+    """
+    if not isinstance(text, str):
+        return None
+    text = text[:MAX_PARSE_CHARS]
+    chosen = set()
+    for obj in _json_objects(text):
+        for key, value in obj.items():
+            if isinstance(key, str) and key.strip().lower() == "action":
+                chosen.add(_legal_index(value, action_names))
+    if not chosen:
+        chosen = {_legal_index(v, action_names) for v in _ACTION_VALUE.findall(text)}
+    chosen.discard(None)
+    return chosen.pop() if len(chosen) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: a tiny LLaVA built from configs (offline), or a real LLaVA-family checkpoint.
+# Both go through the same transformers classes: processor, generate, forward, save/from_pretrained.
+
+CHAT_TEMPLATE = (  # LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:"
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }}{% endfor %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+TINY_SIZES = {  # (vision width, vision layers, text width, text layers)
+    "mini": (64, 2, 128, 2), "small": (128, 2, 256, 4), "base": (192, 2, 384, 4),
+}
+TINY_IMAGE, TINY_PATCH = 112, 14  # 8x8 patches: every rank and number in envs.py stays legible at 112
+
+
+def tokenizer_corpus(n_states=64):
+    """Prompts and answers of all four tasks (with and without CoT), to train the tiny BPE on."""
+    texts = []
+    for task in TASK_NAMES:
+        env = envs.make(task)
+        for s in range(n_states):
+            _, info = env.reset(seed=10_000 + s)
+            for _ in range(3):
+                a = env.expert_action() if s % 2 else int(env.np_random.integers(len(env.action_names)))
+                for cot in (True, False):
+                    texts += [build_prompt(task, env.action_names, info, cot),
+                              format_response(task, info, env.action_names[a], cot)]
+                _, _, terminated, truncated, info = env.step(a)
+                if terminated or truncated:
+                    break
+    return texts
+
+
+def build_tiny_vlm(size="small", vocab_size=1024):
+    """A LLaVA-architecture VLM (CLIP-style vision tower + Llama text model) and its processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaImageProcessorPil,
+                              LlavaProcessor, PreTrainedTokenizerFast)
+
+    # Byte-level BPE: any text tokenizes (no unknown tokens), and the task words become single tokens.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens={"image_token": "<image>"},
+                                        padding_side="left")  # left padding: prompts end together
+    image_processor = LlavaImageProcessorPil(  # the PIL processor: no torchvision needed
+        size={"shortest_edge": TINY_IMAGE}, crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TINY_PATCH,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATE)  # CLIP's CLS token is dropped: 64 image tokens
+
+    vw, vl, tw, tl = TINY_SIZES[size]
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=vw, intermediate_size=2 * vw, num_hidden_layers=vl,
+                                       num_attention_heads=4, image_size=TINY_IMAGE, patch_size=TINY_PATCH),
+        text_config=LlamaConfig(hidden_size=tw, intermediate_size=2 * tw, num_hidden_layers=tl,
+                                num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer),
+                                max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(TINY_IMAGE // TINY_PATCH) ** 2,
+        vision_feature_layer=-1,  # a two-layer tower has no useful second-to-last layer
+        vision_feature_select_strategy="default")
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
+def make_value_head(hidden_size):
+    """Paper Sec. 4: an MLP on the VLM's last-layer hidden state at the last prompt token."""
+    return torch.nn.Sequential(torch.nn.Linear(hidden_size, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1))
+
+
+def text_hidden_size(model):
+    config = model.config
+    return getattr(config, "text_config", config).hidden_size
+
+
+class LoadError(Exception):
+    """A model folder that is missing, incomplete or corrupt: reported in one line."""
+
+
+def load_vlm(path, device, dtype):
+    if not (os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        raise LoadError(f"model folder not found: {path}")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    except Exception as e:  # OSError, safetensors and config errors all mean "cannot use this folder"
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoadError(f"cannot load a model from {path}: {first_line}") from None
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+def add_lora(model, rank):
+    try:
+        import peft
+    except ImportError:
+        sys.exit("rl4vlm.py: error: --lora needs peft: pip install peft")
+    # Only the language model's projections: CLIP's attention has q/k/v_proj too, and the paper
+    # keeps the vision tower frozen.
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets)
+    return peft.get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: one batched, left-padded generate call for all environments.
+
+def chat_texts(processor, prompts):
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+    return [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+
+
+def process(processor, prompts, images, device):
+    """Prompts + images -> model inputs, left-padded: (B, P) ids and mask, plus the image tensors."""
+    from PIL import Image
+    pil = [Image.fromarray(im) for im in images]
+    inputs = processor(text=chat_texts(processor, prompts), images=pil, padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def generation_config(model, processor, args):
+    tok = processor.tokenizer
+    image_id = model.config.image_token_id
+    # Plain sampling from softmax(logits / T): no top-k/top-p, so the log-probs we score are exactly
+    # the ones we sampled from. The image token is suppressed (a later forward would take a sampled
+    # one for an image slot), and scoring masks it the same way.
+    return GenerationConfig(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=args.max_new_tokens, suppress_tokens=[image_id],
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+
+@torch.no_grad()
+def generate(model, inputs, gen_config):
+    """-> one 1-D tensor of response ids per row, cut after its first EOS."""
+    sequences = model.generate(**inputs, generation_config=gen_config)
+    new = sequences[:, inputs["input_ids"].shape[1]:].cpu()  # (B, R)
+    responses = []
+    for row in new:
+        eos = (row == gen_config.eos_token_id).nonzero()
+        responses.append(row[: eos[0, 0] + 1] if len(eos) else row)
+    return responses
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring: the lambda-scaled log-prob of an answer and the state value, in one forward pass.
+
+def action_start(tokenizer, response_ids):
+    """Index of the first action token: the one holding the opening quote of the last `"action":` key.
+
+    Character positions come from decoding prefixes of the generated ids, so any tokenizer works and
+    the ids are the ones the model sampled (re-tokenizing the text could split it differently).
+    Without an `"action":` key the whole answer counts as thoughts: no token of it chose the action
+    (a random one was played), so none gets the action's full weight, and the thought_coef-scaled
+    log-prob still lets the advantage push such answers up or down.
+    """
+    ids = [int(i) for i in response_ids]
+
+    def decoded_len(k):
+        return len(tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    keys = list(re.finditer(r'"action"\s*:', text))
+    if not keys:
+        return len(ids)
+    char = keys[-1].start()
+    lo, hi = 0, len(ids) - 1  # smallest k with decoded_len(k + 1) > char (binary search)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if decoded_len(mid + 1) > char:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def make_sample(inputs, row, response_ids, tokenizer):
+    """One step's context, exactly as the model saw it: unpadded prompt ids, image tensors, answer."""
+    mask = inputs["attention_mask"][row].bool().cpu()
+    return {"prompt_ids": inputs["input_ids"][row].cpu()[mask],
+            "image": {k: v[row].cpu() for k, v in inputs.items() if k not in ("input_ids", "attention_mask")},
+            "response_ids": response_ids, "action_start": action_start(tokenizer, response_ids)}
+
+
+def collate(samples, pad_id, device):
+    """Left-pad prompts to P and right-pad answers to R: every prompt ends at column P - 1."""
+    P = max(len(s["prompt_ids"]) for s in samples)
+    R = max(len(s["response_ids"]) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    thought_mask = torch.zeros((B, R))
+    action_mask = torch.zeros((B, R))
+    for i, s in enumerate(samples):
+        p, r, a = len(s["prompt_ids"]), len(s["response_ids"]), s["action_start"]
+        input_ids[i, P - p:P] = s["prompt_ids"]
+        input_ids[i, P:P + r] = s["response_ids"]
+        attention_mask[i, P - p:P + r] = 1
+        thought_mask[i, :min(a, r)] = 1
+        action_mask[i, a:r] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "thought_mask": thought_mask, "action_mask": action_mask}
+    for k in samples[0]["image"]:
+        batch[k] = torch.stack([s["image"][k] for s in samples])
+    return {k: v.to(device) for k, v in batch.items()}, P, R
+
+
+def token_logprobs(model, batch, P, R, temperature):
+    """-> log-probs of the answer tokens (B, R) and the hidden state at the last prompt token (B, H)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("thought_mask", "action_mask")}
+    # Positions count real tokens only, as in generate; the default arange would shift left-padded rows.
+    position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    out = model(**inputs, position_ids=position_ids, output_hidden_states=True, logits_to_keep=R + 1)
+    logits = out.logits[:, :-1].float() / temperature  # (B, R, V): column j predicts answer token j
+    logits[..., model.config.image_token_id] = float("-inf")  # suppressed in generate too
+    answer = batch["input_ids"][:, P:]  # (B, R)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, answer[..., None])[..., 0]  # (B, R)
+    hidden = out.hidden_states[-1][:, P - 1]  # (B, H)
+    return logp, hidden
+
+
+def score(model, value_head, batch, P, R, temperature, thought_coef):
+    """log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens), and V(s)."""
+    logp, hidden = token_logprobs(model, batch, P, R, temperature)
+    logp = logp.masked_fill((batch["thought_mask"] + batch["action_mask"]) == 0, 0.0)  # padding
+    log_pi = thought_coef * (logp * batch["thought_mask"]).sum(1) + (logp * batch["action_mask"]).sum(1)
+    value = value_head(hidden.float())[:, 0]
+    return log_pi, value  # (B,), (B,)
+
+
+@torch.no_grad()
+def state_values(model, value_head, processor, args, device, action_names, states):
+    """V(s) for {env index: (obs, info)}: one forward over the prompts alone -> (len(states),)."""
+    prompts = [build_prompt(args.task, action_names, info, not args.no_cot) for _, info in states.values()]
+    inputs = process(processor, prompts, [obs for obs, _ in states.values()], device)
+    tok = processor.tokenizer
+    samples = [make_sample(inputs, i, torch.zeros(0, dtype=torch.long), tok) for i in range(len(prompts))]
+    batch, P, R = collate(samples, tok.pad_token_id, device)
+    return score(model, value_head, batch, P, R, args.temperature, args.thought_coef)[1].float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# Environments in parallel, each with its own image, prompt and answer per step.
+
+class EnvPool:
+    """N environments stepped together; a finished episode resets in place with its env's own RNG."""
+
+    def __init__(self, task, n, seed):
+        self.task = task
+        self.envs = [envs.make(task) for _ in range(n)]
+        self.action_names = self.envs[0].action_names
+        first = [env.reset(seed=seed + i) for i, env in enumerate(self.envs)]
+        self.obs = [o for o, _ in first]
+        self.infos = [i for _, i in first]
+        self.returns = [0.0] * n
+
+    def prompts(self, cot):
+        return [build_prompt(self.task, self.action_names, info, cot) for info in self.infos]
+
+    def step(self, actions):
+        """-> rewards, terminated, truncated, final (obs, info) of truncated envs, finished returns."""
+        rewards, terminated, truncated, finals, finished = [], [], [], {}, []
+        for i, (env, a) in enumerate(zip(self.envs, actions)):
+            obs, r, term, trunc, info = env.step(a)
+            self.returns[i] += r
+            rewards.append(float(r))
+            terminated.append(term)
+            truncated.append(trunc)
+            if trunc and not term:
+                finals[i] = (obs, info)
+            if term or trunc:
+                finished.append(self.returns[i])
+                self.returns[i] = 0.0
+                obs, info = env.reset()
+            self.obs[i], self.infos[i] = obs, info
+        return rewards, terminated, truncated, finals, finished
+
+
+def choose_actions(texts, action_names, rng):
+    """Parse each answer; an answer with no single legal action plays a uniformly random one."""
+    actions, invalid = [], []
+    for t in texts:
+        a = parse_action(t, action_names)
+        invalid.append(a is None)
+        actions.append(rng.randrange(len(action_names)) if a is None else a)
+    return actions, invalid
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised warm start (the paper starts RL from an SFT checkpoint): demonstrations made on the fly.
+
+def sft(model, processor, args, device, log):
+    """Cross-entropy on demonstration answers. Thoughts describe the true state; the action is the
+    expert's with probability --sft-expert-prob, otherwise uniformly random (see the docstring)."""
+    rng = random.Random(args.seed + 1)
+    tok = processor.tokenizer
+    pool = EnvPool(args.task, args.sft_batch_size, seed=args.seed * 100_000 + 50_000)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0)
+    model.train()
+    for step in range(args.sft_steps):
+        lr = args.sft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        actions = [env.expert_action() if rng.random() < args.sft_expert_prob else rng.randrange(len(pool.action_names))
+                   for env in pool.envs]
+        answers = [" " + format_response(args.task, info, pool.action_names[a], not args.no_cot)
+                   for info, a in zip(pool.infos, actions)]
+        inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
+        samples = [make_sample(inputs, i, torch.tensor(tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]), tok)
+                   for i, ans in enumerate(answers)]
+        batch, P, R = collate(samples, tok.pad_token_id, device)
+        logp, _ = token_logprobs(model, batch, P, R, temperature=1.0)
+        mask = batch["thought_mask"] + batch["action_mask"]  # (B, R)
+        loss = -(logp * mask).sum() / mask.sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        pool.step(actions)
+        if step % 50 == 0 or step == args.sft_steps - 1:
+            log(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | lr {lr:.2e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# GAE (Schulman et al. 2016), bootstrapping through truncation but not through termination.
+
+def compute_gae(rewards, values, terminated, truncated, final_values, last_values, gamma, gae_lambda):
+    """rewards, values, terminated, truncated, final_values: (T, N); last_values: (N,).
+
+    values[t] is V(s_t); final_values[t] is V of the last observation of an episode truncated at
+    step t (its next state, which the reset replaced); last_values is V of the state after step T-1.
+    Returns advantages and returns, (T, N).
+    """
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(last_values)
+    for t in reversed(range(T)):
+        next_values = last_values if t == T - 1 else values[t + 1]
+        next_values = torch.where(truncated[t], final_values[t], next_values)  # truncated: V(final obs)
+        next_values = next_values * (~terminated[t])  # terminated: nothing after it
+        episode_goes_on = ~(terminated[t] | truncated[t])
+        delta = rewards[t] + gamma * next_values - values[t]
+        last_gae = delta + gamma * gae_lambda * episode_goes_on * last_gae
+        advantages[t] = last_gae
+    return advantages, advantages + values
+
+
+# ----------------------------------------------------------------------------------------------
+# The PPO update: clipped surrogate, clipped value loss, normalised advantages, grad-norm clip.
+
+def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, advantages, returns, pad_id, args, device, rng):
+    """One PPO optimisation over a rollout's samples; every tensor argument is flat, (T * N,)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_frac": []}
+    order = list(range(len(samples)))
+    model.train()
+    for _ in range(args.update_epochs):
+        rng.shuffle(order)
+        for start in range(0, len(order), args.minibatch_size):
+            minibatch = order[start:start + args.minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            for m in range(0, len(minibatch), args.micro_batch_size):
+                idx = minibatch[m:m + args.micro_batch_size]
+                batch, P, R = collate([samples[i] for i in idx], pad_id, device)
+                log_pi, value = score(model, value_head, batch, P, R, args.temperature, args.thought_coef)
+                idx_t = torch.tensor(idx)
+                adv, ret = advantages[idx_t].to(device), returns[idx_t].to(device)
+                old_lp, old_v = old_log_pi[idx_t].to(device), old_values[idx_t].to(device)
+                log_ratio = log_pi - old_lp
+                ratio = log_ratio.exp()
+                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+                value_clipped = old_v + (value - old_v).clamp(-args.clip_coef, args.clip_coef)
+                value_loss = 0.5 * torch.max((value - ret) ** 2, (value_clipped - ret) ** 2).mean()
+                for name, x in (("policy loss", policy_loss), ("value loss", value_loss)):
+                    if not torch.isfinite(x):
+                        raise FloatingPointError(f"{name} is {x.item()}")
+                loss = (policy_loss + args.vf_coef * value_loss) * len(idx) / len(minibatch)
+                loss.backward()
+                with torch.no_grad():
+                    stats["policy_loss"].append(policy_loss.item())
+                    stats["value_loss"].append(value_loss.item())
+                    stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
+                    stats["clip_frac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on fixed seeds (never used for training or tuning).
+
+EVAL_SEED = 1_000_000
+
+
+@torch.no_grad()
+def evaluate(model, processor, args, device, episodes):
+    """Success rate (return > 0, the paper's metric), mean return and invalid-answer rate."""
+    model.eval()
+    torch.manual_seed(args.seed)  # the same sampling noise for every evaluation of a run
+    rng = random.Random(args.seed)
+    gen_config = generation_config(model, processor, args)
+    n = min(args.num_envs, episodes)
+    pool = EnvPool(args.task, n, seed=EVAL_SEED)  # env i plays episode i first, then n, n + 1, ...
+    next_episode, active = n, list(range(n))
+    returns, invalid, answers = [], 0, 0
+    while active:
+        inputs = process(processor, [pool.prompts(not args.no_cot)[i] for i in active], [pool.obs[i] for i in active], device)
+        texts = processor.tokenizer.batch_decode(generate(model, inputs, gen_config), skip_special_tokens=True)
+        actions, bad = choose_actions(texts, pool.action_names, rng)
+        invalid, answers = invalid + sum(bad), answers + len(bad)
+        still = []
+        for i, a in zip(active, actions):
+            env = pool.envs[i]
+            obs, r, term, trunc, info = env.step(a)
+            pool.returns[i] += r
+            if term or trunc:
+                returns.append(pool.returns[i])
+                pool.returns[i] = 0.0
+                if next_episode >= episodes:
+                    continue
+                obs, info = env.reset(seed=EVAL_SEED + next_episode)
+                next_episode += 1
+            pool.obs[i], pool.infos[i] = obs, info
+            still.append(i)
+        active = still
+    returns = np.array(returns)
+    return {"success": float((returns > 0).mean()), "return": float(returns.mean()),
+            "invalid": invalid / max(answers, 1), "episodes": len(returns)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving: write to a temporary folder, then swap it in, so an interrupted save never destroys the
+# last good model.
+
+def save(model, processor, value_head, args, path, extra):
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)  # with --lora: the adapter only, on top of meta["base_model"]
+    processor.save_pretrained(tmp)
+    torch.save(value_head.state_dict(), os.path.join(tmp, "value_head.pt"))
+    meta = {"task": args.task, "cot": not args.no_cot, "lora": args.lora,
+            "base_model": meta_base_model(args), **extra}
+    with open(os.path.join(tmp, "rl4vlm.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def meta_base_model(args):
+    if args.load:
+        with open(os.path.join(args.load, "rl4vlm.json")) as f:
+            return json.load(f).get("base_model")
+    return args.model
+
+
+def load_checkpoint(path, device, dtype):
+    """A folder written by save(): -> model, processor, value-head state dict, metadata."""
+    meta_file = os.path.join(path, "rl4vlm.json")
+    if not os.path.isdir(path):
+        raise LoadError(f"--load folder not found: {path}")
+    if not os.path.exists(meta_file):
+        raise LoadError(f"{path} was not written by rl4vlm.py (no rl4vlm.json)")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+        value_state = torch.load(os.path.join(path, "value_head.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoadError(f"corrupt checkpoint in {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if meta.get("lora"):
+        model, _ = load_vlm(meta["base_model"], device, dtype)
+        import peft
+        model = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"
+    else:
+        model, processor = load_vlm(path, device, dtype)
+    return model, processor, value_state, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: model -> SFT -> evaluate -> [rollout -> GAE -> PPO update -> log] x num_updates -> evaluate -> save
+
+def main(args):
+    t_start = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.save_dir, exist_ok=True)
+    metrics_path = os.path.join(args.save_dir, "metrics.csv")
+    from tqdm.auto import tqdm
+
+    def log(line):
+        tqdm.write(line)
+
+    # --- model
+    dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
+    value_state = None
+    if args.load:
+        model, processor, value_state, meta = load_checkpoint(args.load, device, dtype)
+        if meta.get("task") != args.task or meta.get("cot") == args.no_cot:
+            log(f"note: {args.load} was trained on {meta.get('task')} (cot={meta.get('cot')})")
+    elif args.model == "tiny":
+        model, processor = build_tiny_vlm(args.tiny_size)
+        model.to(device)
+    else:
+        model, processor = load_vlm(args.model, device, dtype)
+    if args.lora and not args.load:
+        model = add_lora(model, args.lora_rank)
+    value_head = make_value_head(text_hidden_size(model)).to(device)
+    if value_state is not None:
+        value_head.load_state_dict(value_state)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {args.load or args.model} ({n_params / 1e6:.1f}M parameters) on {device}; task {args.task}, "
+        f"{'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
+
+    # --- supervised warm start, then the starting point of RL
+    t0 = time.time()
+    if args.sft_steps:
+        sft(model, processor, args, device, log)
+        log(f"sft done in {time.time() - t0:.0f} s")
+    results = {"sft_seconds": time.time() - t0}
+    if args.eval_episodes:
+        start_eval = evaluate(model, processor, args, device, args.eval_episodes)
+        results["start"] = start_eval
+        log(f"eval before RL: success {start_eval['success']:.3f} | return {start_eval['return']:.3f} | "
+            f"invalid {start_eval['invalid']:.3f} | {start_eval['episodes']} episodes")
+
+    # --- RL
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+    gen_config = generation_config(model, processor, args)
+    tok = processor.tokenizer
+    rng = random.Random(args.seed)
+    pool = EnvPool(args.task, args.num_envs, seed=args.seed * 100_000)
+    fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
+              "approx_kl", "clip_frac", "lr", "sps", "t_generate", "t_score", "t_env", "t_update"]
+    with open(metrics_path, "w") as f:
+        f.write(",".join(fields) + "\n")
+    env_steps, t_rl = 0, time.time()
+    interrupted = False
+    bar = tqdm(total=args.num_updates, desc="ppo", disable=not sys.stderr.isatty() or args.num_updates == 0)
+    try:
+        for update in range(1, args.num_updates + 1):
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (update - 1) / args.num_updates))  # cosine schedule
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            timing = dict.fromkeys(["generate", "score", "env", "update"], 0.0)
+            T, N = args.num_steps, args.num_envs
+            samples, finished, invalid = [], [], []
+            rewards, values, log_pis = torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N)
+            terminated, truncated = torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N, dtype=torch.bool)
+            final_values = torch.zeros(T, N)
+            model.eval()
+            t_rollout = time.time()
+            for t in range(T):
+                # --- rollout step: prompt + image -> answer -> action
+                t0 = time.time()
+                inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
+                responses = generate(model, inputs, gen_config)
+                timing["generate"] += time.time() - t0
+                t0 = time.time()
+                texts = tok.batch_decode(responses, skip_special_tokens=True)
+                actions, bad = choose_actions(texts, pool.action_names, rng)
+                invalid += bad
+                step_samples = [make_sample(inputs, i, responses[i], tok) for i in range(N)]
+                with torch.no_grad():  # old log-probs and values, scored with the same code PPO uses
+                    batch, P, R = collate(step_samples, tok.pad_token_id, device)
+                    log_pis[t], values[t] = (x.float().cpu() for x in score(model, value_head, batch, P, R, args.temperature, args.thought_coef))
+                samples += step_samples
+                timing["score"] += time.time() - t0
+                if t == 0:
+                    sample_line = f"  answer: {texts[0]!r} -> {pool.action_names[actions[0]]!r}{' (invalid: random)' if bad[0] else ''}"
+                t0 = time.time()
+                r, term, trunc, finals, done_returns = pool.step(actions)
+                rewards[t], terminated[t], truncated[t] = torch.tensor(r), torch.tensor(term), torch.tensor(trunc)
+                finished += done_returns
+                timing["env"] += time.time() - t0
+                if finals:  # truncated episodes bootstrap from the value of their last observation
+                    t0 = time.time()
+                    final_values[t, list(finals)] = state_values(model, value_head, processor, args, device, pool.action_names, finals)
+                    timing["score"] += time.time() - t0
+            t0 = time.time()
+            last_values = state_values(model, value_head, processor, args, device, pool.action_names,
+                                       {i: (pool.obs[i], pool.infos[i]) for i in range(N)})
+            timing["score"] += time.time() - t0
+            env_steps += T * N
+            sps = T * N / (time.time() - t_rollout)
+
+            # --- GAE and PPO update
+            advantages, returns = compute_gae(rewards, values, terminated, truncated, final_values, last_values,
+                                              args.gamma, args.gae_lambda)
+            t0 = time.time()
+            stats = ppo_update(model, value_head, optimizer, samples, log_pis.flatten(), values.flatten(),
+                               advantages.flatten(), returns.flatten(), tok.pad_token_id, args, device, rng)
+            timing["update"] = time.time() - t0
+
+            # --- log
+            row = {"update": update, "env_steps": env_steps,
+                   "success": float(np.mean([x > 0 for x in finished])) if finished else float("nan"),
+                   "return": float(np.mean(finished)) if finished else float("nan"), "episodes": len(finished),
+                   "invalid": float(np.mean(invalid)), **stats, "lr": lr, "sps": sps,
+                   **{f"t_{k}": v for k, v in timing.items()}}
+            with open(metrics_path, "a") as f:
+                f.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in fields) + "\n")
+            total = sum(timing.values())
+            split = " ".join(f"{k} {100 * v / total:.0f}%" for k, v in timing.items())
+            log(f"update {update}/{args.num_updates} | steps {env_steps} | success {row['success']:.2f} "
+                f"({len(finished)} ep) | return {row['return']:.2f} | invalid {row['invalid']:.2f} | "
+                f"pg {stats['policy_loss']:.4f} v {stats['value_loss']:.4f} kl {stats['approx_kl']:.4f} "
+                f"clip {stats['clip_frac']:.2f} | lr {lr:.1e} | {sps:.1f} sps | {split}")
+            log(sample_line)
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: saving and exiting")
+    bar.close()
+    results["rl_seconds"] = time.time() - t_rl
+
+    # --- final evaluation and save
+    if args.eval_episodes and not interrupted:
+        final_eval = evaluate(model, processor, args, device, args.eval_episodes)
+        results["final"] = final_eval
+    results["total_seconds"] = time.time() - t_start
+    save(model, processor, value_head, args, os.path.join(args.save_dir, "model"), {"env_steps": env_steps})
+    with open(os.path.join(args.save_dir, "results.json"), "w") as f:
+        json.dump({"args": vars(args), **results}, f, indent=1)
+    if "start" in results and "final" in results:
+        log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
+            f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
+            f"{results['total_seconds'] / 60:.1f} min in all")
+    log(f"saved to {os.path.join(args.save_dir, 'model')}")
+    return 130 if interrupted else 0
+
+
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(ARGS))
+    except LoadError as e:
+        sys.exit(f"rl4vlm.py: error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"rl4vlm.py: error: {e}; the update was stopped and nothing was saved "
+                 f"(try a lower --lr or --sft-lr)")

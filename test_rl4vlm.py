@@ -1,0 +1,639 @@
+"""Tests for the RL4VLM reference implementation: run `python -m pytest -q test_rl4vlm.py`.
+
+Everything runs on a CPU with nothing downloaded: the environments, and a tiny LLaVA-architecture
+model built from configs by rl4vlm.py. The whole file takes a few minutes on two cores.
+"""
+import json
+import os
+import random
+import runpy
+import subprocess
+import sys
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import envs
+import rl4vlm as R
+
+
+# --- environments
+
+def play(env, *names):
+    """Step by action names; returns the list of (reward, terminated, truncated, info)."""
+    out = []
+    for name in names:
+        _, reward, terminated, truncated, info = env.step(env.action_names.index(name))
+        out.append((reward, terminated, truncated, info))
+    return out
+
+
+def expert_success(task, seeds):
+    env, wins = envs.make(task, image_size=56), 0
+    for seed in seeds:
+        env.reset(seed=seed)
+        total, done = 0.0, False
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.expert_action())
+            total, done = total + reward, terminated or truncated
+        wins += total > 0
+    return 100 * wins / len(seeds)
+
+
+def test_registry_and_make():
+    assert list(envs.TASKS) == ["numberline", "ezpoints", "points24", "blackjack"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gymnasium warns when an id is registered twice
+        runpy.run_path(envs.__file__, run_name="envs")  # a second import
+    for task, env_id in envs.TASKS.items():
+        env = envs.make(task)
+        assert env.unwrapped is env and env.spec.id == env_id
+        assert env.action_space == gym.spaces.Discrete(len(env.action_names))
+        assert type(gym.make(env_id).unwrapped) is type(env)
+    assert envs.make("blackjack").action_names == ["stand", "hit"]
+    assert envs.make("points24").action_names[10:] == ["+", "-", "*", "/", "(", ")", "="]
+    with pytest.raises(ValueError, match="unknown task 'x'; choose from numberline, ezpoints, points24, blackjack"):
+        envs.make("x")
+
+
+@pytest.mark.parametrize("task", list(envs.TASKS))
+def test_check_env_and_observations(task):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*different from the unwrapped version.*")
+        check_env(envs.make(task))
+        check_env(gym.make(envs.TASKS[task], render_mode="rgb_array"))
+    env = envs.make(task, image_size=84, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (84, 84, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
+    assert obs.std() > 10  # not a blank image
+    obs[:] = 0  # the caller's copy: must not change the env's image
+    obs2, *_ = env.step(env.expert_action())
+    assert np.array_equal(env.render(), obs2) and env.render().any()
+
+
+@pytest.mark.parametrize("task", list(envs.TASKS))
+def test_invalid_action_raises(task):
+    env = envs.make(task)
+    env.reset(seed=0)
+    for bad in (-1, len(env.action_names), 1.0, "0", None, True):
+        with pytest.raises(ValueError, match="invalid action"):
+            env.step(bad)
+    env.step(np.int64(0))  # numpy integers are fine
+
+
+@pytest.mark.parametrize("task", list(envs.TASKS))
+def test_seeding_reproduces_deal_and_images(task):
+    env = envs.make(task)
+    obs1, info1 = env.reset(seed=7)
+    step1 = env.step(1)
+    obs2, info2 = env.reset(seed=7)
+    step2 = env.step(1)
+    assert info1 == info2 and np.array_equal(obs1, obs2)
+    assert np.array_equal(step1[0], step2[0]) and step1[1:] == step2[1:]
+    deals = {str(env.reset(seed=s)[1]) for s in range(20)}
+    assert len(deals) > 5  # different seeds give different deals
+
+
+@pytest.mark.parametrize("task, bad", [
+    ("numberline", {"target": 2, "current": 2}), ("numberline", {"target": 6, "current": 1}),
+    ("numberline", {"target": 2}), ("ezpoints", {"cards": ["2"]}), ("ezpoints", {"cards": ["2", "1"]}),
+    ("points24", {"cards": ["A", "5", "J"]}), ("points24", {"cards": "A5J8"}),
+    ("blackjack", {"player": ["A", "7"], "dealer": ["10"]}), ("blackjack", {"player": ["K", "Q", "5"], "dealer": ["2", "3"]}),
+    ("blackjack", {"player": ["A", "7"], "dealer": ["10", "6"], "seat": 1}),
+])
+def test_invalid_options_raise(task, bad):
+    with pytest.raises(ValueError):
+        envs.make(task).reset(seed=0, options=bad)
+
+
+def test_numberline_rules():
+    env = envs.make("numberline")
+    _, info = env.reset(options={"target": 3, "current": 1})
+    assert info == {"target": 3, "current": 1}
+    steps = play(env, "+", "-", "+", "+")
+    assert [s[0] for s in steps] == [0.0, -1.0, 0.0, 1.0]  # closer, wrong way, closer, reached
+    assert [s[1] for s in steps] == [False, False, False, True] and steps[-1][3]["current"] == 3
+    env.reset(options={"target": 3, "current": 0})
+    assert play(env, "-")[0][:2] == (-1.0, False) and env.current == 0  # bump at the wall
+    env.reset(options={"target": 1, "current": 5})
+    assert play(env, "+")[0][0] == -1.0 and env.current == 5
+    env.reset(options={"target": 5, "current": 0})
+    truncated = [s[2] for s in play(env, *["-"] * 10)]
+    assert truncated == [False] * 9 + [True]  # truncated after 2 * max_position steps
+    env = envs.make("numberline", max_position=3)
+    env.reset(options={"target": 3, "current": 0})
+    assert [s[2] for s in play(env, *["-"] * 6)] == [False] * 5 + [True]
+    starts = [tuple(env.reset(seed=s)[1].values()) for s in range(300)]
+    assert all(t != c and 0 <= min(t, c) and max(t, c) <= 3 for t, c in starts)
+    assert len(set(starts)) == 12  # every ordered (target, current) pair occurs
+
+
+def test_numberline_images_show_the_state():
+    env = envs.make("numberline", image_size=84)
+    a, _ = env.reset(options={"target": 3, "current": 1})
+    b, *_ = env.step(env.action_names.index("+"))
+    c, _ = env.reset(options={"target": 4, "current": 1})
+    assert not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_ezpoints_rules():
+    env = envs.make("ezpoints")
+    _, info = env.reset(options={"cards": ["2", "K"]})
+    assert info == {"cards": ["2", "K"], "numbers": [2, 10], "formula": ""}
+    steps = play(env, "10", "+", "2", "=")
+    assert [s[0] for s in steps] == [0.0, 0.0, 0.0, 10.0] and steps[-1][1] and steps[2][3]["formula"] == "10 + 2"
+    env.reset(options={"cards": ["2", "K"]})
+    assert [s[0] for s in play(env, "2", "*", "10", "=")] == [0, 0, 0, -1.0]  # 20, not 12
+    env.reset(options={"cards": ["2", "K"]})
+    steps = play(env, "5", "=")
+    assert steps[0][:2] == (-1.0, False) and steps[0][3]["formula"] == "_"  # 5 is not on a card
+    assert steps[1][:2] == (-1.0, True)
+    env.reset(options={"cards": ["2", "K"]})
+    steps = play(env, "2", "+", "2")
+    assert steps[2][0] == -1.0 and steps[2][3]["formula"] == "2 + _"  # only one 2
+    env.reset(options={"cards": ["6", "6"]})
+    assert [s[0] for s in play(env, "6", "+", "6", "=")] == [0, 0, 0, 10.0]  # two 6s: both usable
+    env.reset(options={"cards": ["2", "K"]})
+    assert [s[0] for s in play(env, "10", "=")] == [0, -1.0]  # must use both cards
+    env.reset(options={"cards": ["2", "K"]})
+    steps = play(env, "+", "+", "+", "+", "+", "+")
+    assert [s[2] for s in steps] == [False] * 5 + [True] and steps[-1][0] == -1.0  # past 5 units
+
+
+def test_ezpoints_deals_always_make_12():
+    env = envs.make("ezpoints", image_size=56)
+    seen = set()
+    for seed in range(400):
+        a, b = env.reset(seed=seed)[1]["numbers"]
+        assert a + b == 12 or a * b == 12
+        seen.update(env.cards[i][0] for i in range(2))
+    assert "A" not in seen and seen >= {"2", "4", "6", "10", "J", "Q", "K"}
+
+
+def test_evaluate_is_exact_and_safe():
+    ev = lambda s: envs.evaluate(s.split())
+    assert ev("8 / ( 3 - 8 / 3 )") == 24 and ev("2 + 3 * 4") == 14 and ev("( 2 + 3 ) * 4") == 20
+    assert ev("10 - 4 - 3") == 3 and ev("8 / 4 / 2") == 1 and ev("1 / 3 * 3") == 1
+    for bad in ("", "3 8", "( 1 + 2", "1 + 2 )", "1 +", "- 3", "4 / ( 2 - 2 )", "_ + 1", "( )"):
+        assert ev(bad) is None, bad
+
+
+def test_points24_rules():
+    env = envs.make("points24")
+    env.reset(options={"cards": ["8", "3", "8", "3"]})
+    steps = play(env, *"8 / ( 3 - 8 / 3 ) =".split())
+    assert [s[0] for s in steps] == [0.0] * 9 + [10.0] and steps[-1][1]
+    env.reset(options={"cards": ["4", "2", "2", "5"]})
+    assert play(env, *"4 / ( 2 - 2 ) * 5 =".split())[-1][:2] == (-1.0, True)  # division by zero
+    env.reset(options={"cards": ["4", "2", "2", "5"]})
+    assert play(env, "(", "=")[-1][:2] == (-1.0, True)  # malformed
+    env.reset(options={"cards": ["8", "3", "A", "A"]})
+    assert play(env, "8", "*", "3", "=")[-1][:2] == (-1.0, True)  # 24, but not with all four cards
+    env.reset(options={"cards": ["2", "4", "3", "3"]})
+    assert play(env, *"2 4 * 3 / 3 =".split())[-1][0] == -1.0  # "2 4" is not 24
+    _, info = env.reset(options={"cards": ["A", "5", "J", "8"]})
+    assert info["numbers"] == [1, 5, 10, 8]
+    steps = play(env, "2", "10", "10", "1")
+    assert [s[0] for s in steps] == [-1.0, 0.0, -1.0, 0.0] and steps[-1][3]["formula"] == "_ 10 _ 1"
+    env.reset(options={"cards": ["A", "5", "J", "8"]})
+    steps = play(env, *["("] * 21)
+    assert [s[2] for s in steps] == [False] * 20 + [True] and steps[-1][0] == -1.0  # past 20 units
+
+
+def test_formula_experts():
+    env = envs.make("points24")
+    env.reset(options={"cards": ["8", "3", "8", "3"]})
+    written = []
+    while not written or written[-1] != "=":
+        written.append(env.action_names[env.expert_action()])
+        env.step(env.action_names.index(written[-1]))
+    assert written == "8 / ( 3 - 8 / 3 ) =".split()
+    env.reset(options={"cards": ["8", "3", "8", "3"]})
+    play(env, "3")  # no solution starts with 3: give up at once
+    assert env.action_names[env.expert_action()] == "="
+    env.reset(options={"cards": ["A", "A", "A", "A"]})  # unsolvable
+    assert env.action_names[env.expert_action()] == "="
+    assert envs.solve((3, 3, 8, 8), 24) == (tuple("8 / ( 3 - 8 / 3 )".split()),)
+
+
+def test_blackjack_rules():
+    env = envs.make("blackjack")
+    _, info = env.reset(seed=0, options={"player": ["A", "7"], "dealer": ["10", "6"]})
+    assert info == {"player_cards": ["A", "7"], "player_total": 18, "usable_ace": True, "dealer_card": "10"}
+    for player, dealer, reward in [(["10", "K"], ["10", "7"], 1.0), (["10", "6"], ["10", "8"], -1.0),
+                                   (["10", "8"], ["J", "8"], 0.0), (["10", "8"], ["A", "6"], 1.0)]:  # soft 17 stands
+        env.reset(seed=0, options={"player": player, "dealer": dealer})
+        r, terminated, truncated, info = play(env, "stand")[0]
+        assert (r, terminated, truncated) == (reward, True, False) and info["dealer_cards"] == dealer
+    outcomes = set()
+    for seed in range(200):
+        env.reset(seed=seed, options={"player": ["10", "9"], "dealer": ["10", "2"]})
+        r, terminated, _, info = play(env, "stand")[0]
+        assert terminated and len(info["dealer_cards"]) >= 3 and info["dealer_total"] >= 17  # draws to 17
+        d = info["dealer_total"]
+        assert r == (1.0 if d > 21 or d < 19 else 0.0 if d == 19 else -1.0)
+        outcomes.add(r)
+        env.reset(seed=seed, options={"player": ["A", "5"], "dealer": ["10", "2"]})
+        assert play(env, "hit")[0][:2] == (0.0, False)  # soft 16 never busts
+        env.reset(seed=seed, options={"player": ["10", "Q"], "dealer": ["10", "2"]})
+        r, terminated, _, info = play(env, "hit")[0]
+        ace = info["player_cards"][2] == "A"
+        assert (r, terminated, info["player_total"]) == ((0.0, False, 21) if ace else (-1.0, True, info["player_total"]))
+        assert ace or info["player_total"] > 21
+        outcomes.add(("hit", ace))
+    assert outcomes == {1.0, 0.0, -1.0, ("hit", True), ("hit", False)}
+
+
+def test_blackjack_hidden_card():
+    env = envs.make("blackjack", image_size=112)
+    a, info = env.reset(seed=1, options={"player": ["9", "7"], "dealer": ["10", "6"]})
+    b, _ = env.reset(seed=1, options={"player": ["9", "7"], "dealer": ["10", "K"]})
+    assert np.array_equal(a, b) and "dealer_cards" not in info  # face down: the images match
+    c, _ = env.reset(seed=1, options={"player": ["9", "7"], "dealer": ["9", "K"]})
+    assert not np.array_equal(a, c)  # the up-card shows
+    end_a = play(env, "stand")[0][3]
+    assert end_a["dealer_cards"][:2] == ["9", "K"] and not np.array_equal(env.render(), c)  # revealed
+
+
+def test_blackjack_dp_policy():
+    hit = lambda total, up, soft=False: envs.blackjack_values(total - 10 * soft, soft, up)[1] > \
+        envs.blackjack_values(total - 10 * soft, soft, up)[0]
+    assert all(not hit(t, up) for t in range(17, 22) for up in range(1, 11))  # stand on hard 17+
+    assert all(hit(t, up) for t in range(4, 12) for up in range(1, 11))  # can't bust: hit
+    assert [hit(12, up) for up in range(2, 11)] == [True, True, False, False, False, True, True, True, True]
+    assert hit(16, 10) and not hit(13, 2) and hit(18, 9, soft=True) and not hit(18, 7, soft=True)
+    expected = sum(p1 * p2 * pu * max(envs.blackjack_values(v1 + v2, 1 in (v1, v2), up))
+                   for v1, p1 in envs.DRAW for v2, p2 in envs.DRAW for up, pu in envs.DRAW)
+    assert abs(expected - (-0.0466)) < 0.0005  # the optimal hit/stand return, infinite deck
+
+
+def test_expert_success_rates():
+    assert expert_success("numberline", range(200)) == 100
+    assert expert_success("ezpoints", range(300)) == 100
+    # Points24: the expert wins exactly the solvable deals, 73.1% of all (std. error ~1% here)
+    env = envs.make("points24", image_size=56)
+    solvable = [bool(envs.solve(tuple(sorted(env.reset(seed=s)[1]["numbers"])), 24)) for s in range(2000)]
+    rate = expert_success("points24", range(2000))
+    assert rate == 100 * sum(solvable) / 2000 and 70.6 < rate < 75.6
+    # Blackjack: 42.95% for the optimal policy (std. error 0.5% over 10000 hands; 40% is excluded)
+    assert 41.45 < expert_success("blackjack", range(10000)) < 44.45
+
+
+# --- rl4vlm.py: prompts and action parsing
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+P24 = envs.make("points24").action_names
+
+
+def test_parse_action_well_formed_and_messy():
+    names = ["-", "+"]
+    assert R.parse_action('{"current number": 1, "thoughts": "go right", "action": "+"}', names) == 1
+    assert R.parse_action('```json\n{"thoughts": "x", "action": "-"}\n```', names) == 0
+    assert R.parse_action('Sure! Here it is: {"action": "+"} Hope that helps.', names) == 1
+    assert R.parse_action("{'thoughts': 'left', 'action': '-'}", names) == 0  # single quotes
+    assert R.parse_action('{"thoughts": "a", "action": "+",}', names) == 1  # trailing comma
+    assert R.parse_action('{"ACTION": " + "}', names) == 1  # key case, spaces
+    assert R.parse_action('{"action": 7}', P24) == P24.index("7")  # a number for a string
+    assert R.parse_action('{"action": 10.0}', P24) == P24.index("10")
+    assert R.parse_action('{"action": "hit"}', ["stand", "hit"]) == 1
+    assert R.parse_action('{"action": "Stand"}', ["stand", "hit"]) == 0
+    # Broken JSON: the paper's rule, the text after "action": names one legal action.
+    assert R.parse_action('{"thoughts": "unterminated, "action": "+"', names) == 1
+    assert R.parse_action('thoughts: 3 < 5 so action: +', names) == 1
+    assert R.parse_action('"action": "10"', P24) == P24.index("10")  # "10" is not "1"
+    assert R.parse_action('"action": "1"', P24) == P24.index("1")
+
+
+def test_parse_action_rejects_no_or_several_actions():
+    names = ["-", "+"]
+    assert R.parse_action("", names) is None
+    assert R.parse_action('{"thoughts": "+ or -"}', names) is None  # no action key
+    assert R.parse_action('{"action": "right"}', names) is None  # not a legal action
+    assert R.parse_action('{"action": ["+", "-"]}', names) is None
+    assert R.parse_action('{"action": true}', names) is None
+    assert R.parse_action('{"action": "+"} {"action": "-"}', names) is None  # two different actions
+    assert R.parse_action('"action": "+", "action": "-"', names) is None
+    assert R.parse_action('{"action": "+"} {"action": "+"}', names) == 1  # the same one twice is one
+    assert R.parse_action("+", names) is None  # no "action" key at all
+    assert R.parse_action(None, names) is None
+
+
+def test_parse_action_never_raises():
+    rng = random.Random(0)
+    names = P24
+    pieces = ['{', '}', '"action"', ':', '"', "'", ",", "[", "]", "10", "+", "\\", "\n", "null", "{{{{", "\x00", "é"]
+    for _ in range(3000):
+        if rng.random() < 0.5:
+            text = bytes(rng.randrange(256) for _ in range(rng.randrange(200))).decode("latin-1")
+        else:
+            text = "".join(rng.choice(pieces) for _ in range(rng.randrange(40)))
+        a = R.parse_action(text, names)
+        assert a is None or 0 <= a < len(names)
+    deep = "[" * 100_000 + '{"action": "+"}'
+    assert R.parse_action(deep, ["-", "+"]) in (None, 1)
+    assert R.parse_action("{" * 200_000, ["-", "+"]) is None
+
+
+def test_prompts_list_actions_and_formats():
+    env = envs.make("ezpoints")
+    _, info = env.reset(seed=3, options={"cards": ["2", "K"]})
+    env.step(env.action_names.index("10"))
+    info = env.step(env.action_names.index("+"))[4]
+    p = R.build_prompt("ezpoints", env.action_names, info, cot=True)
+    assert "10 +" in p and '"=", ' not in p[:0]
+    assert all(f'"{a}"' in p for a in env.action_names)
+    assert p.index('"cards"') < p.index('"thoughts"') < p.index('"action"')  # CoT first, action last
+    q = R.build_prompt("ezpoints", env.action_names, info, cot=False)
+    assert '"thoughts"' not in q and '"action"' in q
+
+
+@pytest.mark.parametrize("task", R.TASK_NAMES)
+def test_demo_answers_parse_back(task):
+    env = envs.make(task)
+    _, info = env.reset(seed=0)
+    for a, name in enumerate(env.action_names):
+        for cot in (True, False):
+            text = R.format_response(task, info, name, cot)
+            assert R.parse_action(text, env.action_names) == a
+            assert list(json.loads(text))[-1] == "action"
+
+
+# --- rl4vlm.py: the tiny model, scoring, GAE, PPO, saving
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, processor = R.build_tiny_vlm("mini")
+    return model, processor
+
+
+def _samples(model, processor, n=4, seed=0, task="ezpoints", max_new_tokens=12):
+    """Real rollout samples: prompts of different lengths (formulas differ), sampled answers."""
+    pool = R.EnvPool(task, n, seed)
+    for i, env in enumerate(pool.envs):  # different formula lengths -> different prompt lengths
+        for _ in range(i):
+            pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
+    args = R.parse_args(["--max-new-tokens", str(max_new_tokens)])
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    torch.manual_seed(seed)
+    responses = R.generate(model, inputs, R.generation_config(model, processor, args))
+    return [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(n)]
+
+
+def test_action_start_splits_at_the_action_key(tiny):
+    _, processor = tiny
+    tok = processor.tokenizer
+    text = ' {"current number": 2, "target number": 5, "thoughts": "The current number is 2.", "action": "+"}'
+    ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    k = R.action_start(tok, ids)
+    thought = tok.decode(ids[:k], skip_special_tokens=True)
+    action = tok.decode(ids[k:], skip_special_tokens=True)
+    assert thought + action == text
+    assert '"action"' in action and '"action"' not in thought and action.rstrip().endswith('"+"}')
+    assert thought.endswith("2.\",") or thought.endswith("2.\", ")
+    no_key = tok(' {"thoughts": "hmm"}', add_special_tokens=False).input_ids
+    assert R.action_start(tok, no_key) == len(no_key)  # no key: all thoughts
+
+
+def test_scaled_logprob_matches_hand_computation(tiny):
+    model, processor = tiny
+    model.eval()
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor)
+    T, lam = 0.2, 0.5
+    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        log_pi, value = R.score(model, vh, batch, P, Rn, T, lam)
+    for i, s in enumerate(samples):
+        ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=s["image"]["pixel_values"][None], output_hidden_states=True)
+        logits = out.logits[0].clone()
+        logits[:, model.config.image_token_id] = float("-inf")
+        logp = torch.log_softmax(logits / T, -1)
+        p, a = len(s["prompt_ids"]), s["action_start"]
+        token_lp = [logp[p - 1 + j, tok].item() for j, tok in enumerate(s["response_ids"].tolist())]
+        expected = lam * sum(token_lp[:a]) + sum(token_lp[a:])
+        assert log_pi[i].item() == pytest.approx(expected, abs=1e-3, rel=1e-5)
+        expected_v = vh(out.hidden_states[-1][0, p - 1])[0]
+        assert value[i].item() == pytest.approx(expected_v.item(), abs=1e-5)
+
+
+def test_batched_scoring_equals_one_at_a_time(tiny):
+    model, processor = tiny
+    model.eval()
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=4, seed=1)
+    assert len({len(s["prompt_ids"]) for s in samples}) > 1  # padding really happens
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        batched = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        for i, s in enumerate(samples):
+            single = R.score(model, vh, *R.collate([s], pad, "cpu"), 0.2, 0.5)
+            assert batched[0][i].item() == pytest.approx(single[0].item(), abs=1e-3, rel=1e-5)
+            assert batched[1][i].item() == pytest.approx(single[1].item(), abs=1e-5)
+
+
+def test_generate_and_scoring_see_the_same_context(tiny):
+    """Greedy answers from a left-padded batch are the argmax of the scoring forward at every token."""
+    model, processor = tiny
+    model.eval()
+    pool = R.EnvPool("ezpoints", 3, 5)
+    for _ in range(2):
+        pool.obs[2], _, _, _, pool.infos[2] = pool.envs[2].step(pool.envs[2].expert_action())
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    gc = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "10"]))
+    gc.do_sample = False
+    responses = R.generate(model, inputs, gc)
+    samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
+    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp, _ = R.token_logprobs(model, batch, P, Rn, temperature=1.0)
+    for i, s in enumerate(samples):
+        n = len(s["response_ids"])
+        greedy_lp = logp[i, :n]
+        # every greedy token has the largest log-prob; compare with the logsumexp bound log p <= 0
+        ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=s["image"]["pixel_values"][None]).logits[0]
+        logits[:, model.config.image_token_id] = float("-inf")
+        best = torch.log_softmax(logits, -1)[len(s["prompt_ids"]) - 1:-1].max(-1).values[:n]
+        assert torch.allclose(greedy_lp, best, atol=1e-4)
+
+
+def _naive_gae(rewards, values, terminated, truncated, final_values, last_values, gamma, lam):
+    T, N = rewards.shape
+    adv = torch.zeros(T, N)
+    for n in range(N):
+        for t in range(T):
+            total, discount = 0.0, 1.0
+            for k in range(t, T):  # sum of (gamma * lam)^(k - t) * delta_k within the episode
+                if terminated[k, n]:
+                    nxt = 0.0
+                elif truncated[k, n]:
+                    nxt = final_values[k, n]
+                else:
+                    nxt = last_values[n] if k == T - 1 else values[k + 1, n]
+                delta = rewards[k, n] + gamma * nxt - values[k, n]
+                total += discount * delta
+                discount *= gamma * lam
+                if terminated[k, n] or truncated[k, n]:
+                    break
+            adv[t, n] = total
+    return adv
+
+
+def test_gae_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    T, N = 12, 5
+    rewards, values = torch.randn(T, N, generator=g), torch.randn(T, N, generator=g)
+    final_values, last_values = torch.randn(T, N, generator=g), torch.randn(N, generator=g)
+    terminated = torch.rand(T, N, generator=g) < 0.2
+    truncated = (torch.rand(T, N, generator=g) < 0.15) & ~terminated
+    adv, ret = R.compute_gae(rewards, values, terminated, truncated, final_values, last_values, 0.9, 0.95)
+    expected = _naive_gae(rewards, values, terminated, truncated, final_values, last_values, 0.9, 0.95)
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert torch.allclose(ret, adv + values)
+    # Truncation bootstraps from the final observation; termination does not.
+    one = torch.ones(1, 1)
+    a_trunc, _ = R.compute_gae(one, 0 * one, one < 0, one > 0, 10 * one, torch.zeros(1), 0.9, 0.95)
+    a_term, _ = R.compute_gae(one, 0 * one, one > 0, one < 0, 10 * one, torch.zeros(1), 0.9, 0.95)
+    assert a_trunc.item() == pytest.approx(1 + 0.9 * 10) and a_term.item() == pytest.approx(1.0)
+
+
+def test_ppo_update_follows_the_advantage(tiny):
+    model, processor = tiny
+    torch.manual_seed(0)
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=6, seed=2, task="numberline")
+    pad = processor.tokenizer.pad_token_id
+    model.eval()
+    with torch.no_grad():
+        old_lp, old_v = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    args = R.parse_args(["--update-epochs", "1", "--minibatch-size", "6", "--micro-batch-size", "3", "--lr", "1e-3"])
+    params = list(model.parameters()) + list(vh.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = R.ppo_update(model, vh, opt, samples, old_lp, old_v, adv, old_v + adv, pad, args, "cpu", random.Random(0))
+    assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # one step: ratio is exactly 1 when scored
+    model.eval()
+    with torch.no_grad():
+        new_lp, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+    change = new_lp - old_lp
+    assert (change[adv > 0] > 0).all() and (change[adv < 0] < 0).all(), change
+    for p, b in zip(model.parameters(), before):  # restore for the other tests
+        p.data.copy_(b)
+
+
+def test_nan_loss_stops_the_update(tiny):
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=2, seed=3, task="numberline")
+    args = R.parse_args(["--minibatch-size", "2", "--micro-batch-size", "2"])
+    old = torch.full((2,), float("nan"))
+    opt = torch.optim.Adam(vh.parameters())
+    with pytest.raises(FloatingPointError, match="policy loss"):
+        R.ppo_update(model, vh, opt, samples, old, torch.zeros(2), torch.ones(2), torch.ones(2),
+                     processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
+
+
+def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
+    model, processor = tiny
+    model.eval()
+    vh = R.make_value_head(R.text_hidden_size(model))
+    args = R.parse_args([])
+    path = str(tmp_path / "model")
+    R.save(model, processor, vh, args, path, {})
+    samples = _samples(model, processor, n=2, seed=4)
+    loaded, lproc, value_state, meta = R.load_checkpoint(path, "cpu", torch.float32)
+    lvh = R.make_value_head(R.text_hidden_size(loaded))
+    lvh.load_state_dict(value_state)
+    loaded.eval()
+    assert meta["task"] == "numberline"
+    with torch.no_grad():
+        a = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        b = R.score(loaded, lvh, *R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the loaded processor makes the same inputs
+    pool = R.EnvPool("ezpoints", 2, 0)
+    x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_failed_save_keeps_the_last_good_model(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    args = R.parse_args([])
+    path = str(tmp_path / "model")
+    R.save(model, processor, vh, args, path, {"mark": "good"})
+
+    def broken_save(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        R.save(model, processor, vh, args, path, {"mark": "new"})
+    monkeypatch.undo()
+    _, _, _, meta = R.load_checkpoint(path, "cpu", torch.float32)
+    assert meta["mark"] == "good"
+
+
+# --- rl4vlm.py: the command line
+
+def _run(*argv, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, os.path.join(HERE, "rl4vlm.py"), *argv], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE, env=env)
+
+
+def test_cli_short_run_writes_metrics_and_model(tmp_path):
+    out = tmp_path / "run"
+    r = _run("--task", "ezpoints", "--tiny-size", "mini", "--sft-steps", "3", "--sft-batch-size", "4",
+             "--num-updates", "2", "--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "16",
+             "--minibatch-size", "4", "--micro-batch-size", "2", "--eval-episodes", "2", "--save-dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("update,env_steps,success") and len(lines) == 3
+    assert lines[2].split(",")[1] == "8"  # 2 updates x 2 steps x 2 envs
+    assert "answer:" in r.stdout + r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["episodes"] == 2
+    # evaluate the saved model again, with no training
+    r2 = _run("--task", "ezpoints", "--load", str(out / "model"), "--num-updates", "0", "--eval-episodes", "2",
+              "--num-envs", "2", "--max-new-tokens", "16", "--save-dir", str(tmp_path / "again"))
+    assert r2.returncode == 0, r2.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "chess"], "invalid choice: 'chess'"),
+    (["--num-envs", "0"], "must be a positive integer"),
+    (["--temperature", "-1"], "must be a positive number"),
+    (["--thought-coef", "2"], "between 0 and 1"),
+    (["--model", "/no/such/folder"], "model folder not found"),
+    (["--load", "/no/such/folder"], "--load folder not found"),
+])
+def test_cli_bad_input_is_one_clear_line(argv, message, tmp_path):
+    r = _run(*argv, "--save-dir", str(tmp_path / "x"), timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cli_corrupt_checkpoint_is_one_clear_line(tiny, tmp_path):
+    model, processor = tiny
+    path = tmp_path / "model"
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), R.parse_args([]), str(path), {})
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    r = _run("--load", str(path), "--num-updates", "0", "--eval-episodes", "0", "--save-dir", str(tmp_path / "x"),
+             timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot load" in lines[0], r.stderr
+    assert (path / "rl4vlm.json").exists()  # the folder is left as it was
