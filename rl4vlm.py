@@ -43,6 +43,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def parse_args(argv=None):
     g.add_argument("--load", default=None, help="resume from (or evaluate) a folder written by --save-dir")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model (needs peft)")
     g.add_argument("--lora-rank", type=positive_int, default=128, help="LoRA rank r (alpha = 2r)")
-    g.add_argument("--tiny-size", default="small", choices=["mini", "small", "base"],
+    g.add_argument("--tiny-size", default="mini", choices=["mini", "small", "base"],
                    help="size of the tiny model: mini 0.7M, small 3.9M, base 8.6M parameters")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -111,16 +112,18 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
-                   help="SFT steps before RL (default: 400 for the tiny model, 0 with --load or --model PATH)")
-    g.add_argument("--sft-batch-size", type=positive_int, default=16, help="demonstrations per SFT step")
+                   help="SFT steps before RL (default: 1000 for the tiny model, 0 with --load or --model PATH)")
+    g.add_argument("--sft-batch-size", type=positive_int, default=32, help="demonstrations per SFT step")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=0.0,
                    help="share of demonstration actions taken from the expert; the rest are uniformly random")
 
     g = p.add_argument_group("PPO")
-    g.add_argument("--num-updates", type=nonneg_int, default=30, help="PPO updates (rollout + optimisation)")
+    g.add_argument("--num-updates", type=nonneg_int, default=40, help="PPO updates (rollout + optimisation)")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
-    g.add_argument("--lr", type=positive_float, default=3e-4, help="Adam learning rate, cosine-decayed over the run")
+    g.add_argument("--lr", type=positive_float, default=3e-5,
+                   help="Adam learning rate, cosine-decayed over the run (logits are divided by T = 0.2, "
+                        "so log-probs move 5x faster than the weights suggest)")
     g.add_argument("--gamma", type=float, default=0.9, help="discount (paper: 0.9)")
     g.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda (paper: 0.95)")
     g.add_argument("--clip-coef", type=positive_float, default=0.1, help="PPO ratio and value clip (paper: 0.1)")
@@ -143,7 +146,7 @@ def parse_args(argv=None):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
     args.save_dir = args.save_dir or os.path.join("runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}")
     if args.sft_steps is None:
-        args.sft_steps = 400 if (args.model == "tiny" and args.load is None) else 0
+        args.sft_steps = 1000 if (args.model == "tiny" and args.load is None) else 0
     return args
 
 
@@ -159,6 +162,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 import envs  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # from peft
 transformers.utils.logging.disable_progress_bar()
 
 
@@ -394,7 +398,8 @@ def add_lora(model, rank):
     # Only the language model's projections: CLIP's attention has q/k/v_proj too, and the paper
     # keeps the vision tower frozen.
     targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets)
+    # No dropout: PPO's first ratio must be exactly 1, which it is not if training mode drops units.
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     return peft.get_peft_model(model, config)
 
 
@@ -615,7 +620,7 @@ def sft(model, processor, args, device, log):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         pool.step(actions)
-        if step % 50 == 0 or step == args.sft_steps - 1:
+        if (step + 1) % 50 == 0 or step == 0:
             log(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | lr {lr:.2e}")
 
 
@@ -731,14 +736,14 @@ def evaluate(model, processor, args, device, episodes):
 # Saving: write to a temporary folder, then swap it in, so an interrupted save never destroys the
 # last good model.
 
-def save(model, processor, value_head, args, path, extra):
+def save(model, processor, value_head, path, meta):
+    """meta: {"task", "cot", "base_model", ...}; whether the model is a LoRA adapter is read off it."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # with --lora: the adapter only, on top of meta["base_model"]
+    model.save_pretrained(tmp)  # a peft model saves its adapter only, loaded on top of base_model
     processor.save_pretrained(tmp)
     torch.save(value_head.state_dict(), os.path.join(tmp, "value_head.pt"))
-    meta = {"task": args.task, "cot": not args.no_cot, "lora": args.lora,
-            "base_model": meta_base_model(args), **extra}
+    meta = {**meta, "lora": hasattr(model, "peft_config")}
     with open(os.path.join(tmp, "rl4vlm.json"), "w") as f:
         json.dump(meta, f, indent=1)
     if os.path.exists(path):
@@ -746,13 +751,6 @@ def save(model, processor, value_head, args, path, extra):
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def meta_base_model(args):
-    if args.load:
-        with open(os.path.join(args.load, "rl4vlm.json")) as f:
-            return json.load(f).get("base_model")
-    return args.model
 
 
 def load_checkpoint(path, device, dtype):
@@ -768,7 +766,7 @@ def load_checkpoint(path, device, dtype):
         value_state = torch.load(os.path.join(path, "value_head.pt"), map_location="cpu", weights_only=True)
     except Exception as e:
         raise LoadError(f"corrupt checkpoint in {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    if meta.get("lora"):
+    if meta.get("lora") or os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter
         model, _ = load_vlm(meta["base_model"], device, dtype)
         import peft
         model = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
@@ -797,11 +795,12 @@ def main(args):
 
     # --- model
     dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
-    value_state = None
+    value_state, base_model = None, args.model  # base_model: what a LoRA adapter is loaded on top of
     if args.load:
-        model, processor, value_state, meta = load_checkpoint(args.load, device, dtype)
-        if meta.get("task") != args.task or meta.get("cot") == args.no_cot:
-            log(f"note: {args.load} was trained on {meta.get('task')} (cot={meta.get('cot')})")
+        model, processor, value_state, loaded = load_checkpoint(args.load, device, dtype)
+        base_model = loaded.get("base_model")
+        if loaded.get("task") != args.task or loaded.get("cot") == args.no_cot:
+            log(f"note: {args.load} was trained on {loaded.get('task')} (cot={loaded.get('cot')})")
     elif args.model == "tiny":
         model, processor = build_tiny_vlm(args.tiny_size)
         model.to(device)
@@ -816,33 +815,33 @@ def main(args):
     log(f"model: {args.load or args.model} ({n_params / 1e6:.1f}M parameters) on {device}; task {args.task}, "
         f"{'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
 
-    # --- supervised warm start, then the starting point of RL
-    t0 = time.time()
-    if args.sft_steps:
-        sft(model, processor, args, device, log)
-        log(f"sft done in {time.time() - t0:.0f} s")
-    results = {"sft_seconds": time.time() - t0}
-    if args.eval_episodes:
-        start_eval = evaluate(model, processor, args, device, args.eval_episodes)
-        results["start"] = start_eval
-        log(f"eval before RL: success {start_eval['success']:.3f} | return {start_eval['return']:.3f} | "
-            f"invalid {start_eval['invalid']:.3f} | {start_eval['episodes']} episodes")
-
-    # --- RL
-    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
-    gen_config = generation_config(model, processor, args)
-    tok = processor.tokenizer
-    rng = random.Random(args.seed)
-    pool = EnvPool(args.task, args.num_envs, seed=args.seed * 100_000)
-    fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
-              "approx_kl", "clip_frac", "lr", "sps", "t_generate", "t_score", "t_env", "t_update"]
-    with open(metrics_path, "w") as f:
-        f.write(",".join(fields) + "\n")
-    env_steps, t_rl = 0, time.time()
-    interrupted = False
+    env_steps, interrupted, results, t_rl = 0, False, {}, time.time()
     bar = tqdm(total=args.num_updates, desc="ppo", disable=not sys.stderr.isatty() or args.num_updates == 0)
-    try:
+    try:  # Ctrl-C anywhere in training: save what there is and exit
+        # --- supervised warm start, then the starting point of RL
+        t0 = time.time()
+        if args.sft_steps:
+            sft(model, processor, args, device, log)
+            log(f"sft done in {time.time() - t0:.0f} s")
+        results["sft_seconds"] = time.time() - t0
+        if args.eval_episodes:
+            start_eval = evaluate(model, processor, args, device, args.eval_episodes)
+            results["start"] = start_eval
+            log(f"eval before RL: success {start_eval['success']:.3f} | return {start_eval['return']:.3f} | "
+                f"invalid {start_eval['invalid']:.3f} | {start_eval['episodes']} episodes")
+
+        # --- RL
+        params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+        gen_config = generation_config(model, processor, args)
+        tok = processor.tokenizer
+        rng = random.Random(args.seed)
+        pool = EnvPool(args.task, args.num_envs, seed=args.seed * 100_000)
+        fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
+                  "approx_kl", "clip_frac", "lr", "sps", "t_generate", "t_score", "t_env", "t_update"]
+        with open(metrics_path, "w") as f:
+            f.write(",".join(fields) + "\n")
+        t_rl = time.time()
         for update in range(1, args.num_updates + 1):
             lr = args.lr * 0.5 * (1 + math.cos(math.pi * (update - 1) / args.num_updates))  # cosine schedule
             for group in optimizer.param_groups:
@@ -924,7 +923,8 @@ def main(args):
         final_eval = evaluate(model, processor, args, device, args.eval_episodes)
         results["final"] = final_eval
     results["total_seconds"] = time.time() - t_start
-    save(model, processor, value_head, args, os.path.join(args.save_dir, "model"), {"env_steps": env_steps})
+    save(model, processor, value_head, os.path.join(args.save_dir, "model"),
+         {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "env_steps": env_steps})
     with open(os.path.join(args.save_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), **results}, f, indent=1)
     if "start" in results and "final" in results:
@@ -933,8 +933,6 @@ def main(args):
             f"{results['total_seconds'] / 60:.1f} min in all")
     log(f"saved to {os.path.join(args.save_dir, 'model')}")
     return 130 if interrupted else 0
-
-
 
 
 if __name__ == "__main__":

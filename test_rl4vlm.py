@@ -546,9 +546,8 @@ def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
     model, processor = tiny
     model.eval()
     vh = R.make_value_head(R.text_hidden_size(model))
-    args = R.parse_args([])
     path = str(tmp_path / "model")
-    R.save(model, processor, vh, args, path, {})
+    R.save(model, processor, vh, path, {"task": "numberline", "cot": True, "base_model": "tiny"})
     samples = _samples(model, processor, n=2, seed=4)
     loaded, lproc, value_state, meta = R.load_checkpoint(path, "cpu", torch.float32)
     lvh = R.make_value_head(R.text_hidden_size(loaded))
@@ -569,16 +568,15 @@ def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
 def test_failed_save_keeps_the_last_good_model(tiny, tmp_path, monkeypatch):
     model, processor = tiny
     vh = R.make_value_head(R.text_hidden_size(model))
-    args = R.parse_args([])
     path = str(tmp_path / "model")
-    R.save(model, processor, vh, args, path, {"mark": "good"})
+    R.save(model, processor, vh, path, {"mark": "good"})
 
     def broken_save(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        R.save(model, processor, vh, args, path, {"mark": "new"})
+        R.save(model, processor, vh, path, {"mark": "new"})
     monkeypatch.undo()
     _, _, _, meta = R.load_checkpoint(path, "cpu", torch.float32)
     assert meta["mark"] == "good"
@@ -629,7 +627,7 @@ def test_cli_bad_input_is_one_clear_line(argv, message, tmp_path):
 def test_cli_corrupt_checkpoint_is_one_clear_line(tiny, tmp_path):
     model, processor = tiny
     path = tmp_path / "model"
-    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), R.parse_args([]), str(path), {})
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(path), {})
     (path / "model.safetensors").write_bytes(b"not a safetensors file")
     r = _run("--load", str(path), "--num-updates", "0", "--eval-episodes", "0", "--save-dir", str(tmp_path / "x"),
              timeout=120)
@@ -637,3 +635,117 @@ def test_cli_corrupt_checkpoint_is_one_clear_line(tiny, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot load" in lines[0], r.stderr
     assert (path / "rl4vlm.json").exists()  # the folder is left as it was
+
+
+def _tiny_cli(out, *extra):
+    return ["--task", "numberline", "--tiny-size", "mini", "--sft-steps", "2", "--sft-batch-size", "4",
+            "--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "12", "--minibatch-size", "4",
+            "--micro-batch-size", "4", "--eval-episodes", "0", "--save-dir", str(out), *extra]
+
+
+def test_cli_same_seed_repeats_exactly(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        r = _run(*_tiny_cli(tmp_path / name, "--num-updates", "2", "--seed", "7"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = [line.split(",") for line in (tmp_path / name / "metrics.csv").read_text().splitlines()]
+        timing = [i for i, h in enumerate(rows[0]) if h.startswith("t_") or h == "sps"]
+        runs.append([[x for i, x in enumerate(row) if i not in timing] for row in rows])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_cli_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), *_tiny_cli(out, "--num-updates", "1000")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait for the first logged update
+        if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted" in stdout + stderr
+    _, _, _, meta = R.load_checkpoint(str(out / "model"), "cpu", torch.float32)
+    assert meta["task"] == "numberline" and meta["env_steps"] >= 4
+
+
+def test_lora_wraps_only_the_language_model(tiny):
+    peft = pytest.importorskip("peft")
+    model, _ = R.build_tiny_vlm("mini")
+    wrapped = R.add_lora(model, rank=4)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert isinstance(wrapped, peft.PeftModel)
+
+
+def test_lora_without_peft_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(SystemExit, match="--lora needs peft: pip install peft"):
+        R.add_lora(torch.nn.Linear(2, 2), rank=4)
+
+
+def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
+    """LLaVA-1.6 (NeXT): pixel_values (B, tiles, 3, H, W) plus image_sizes go through process, make_sample,
+    collate and score; a batch scores as each sample alone, and the saved folder loads as --model PATH."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+    tok = tiny[1].tokenizer
+    pinpoints = [[224, 224], [112, 224], [224, 112]]  # the 224x224 env images -> 2x2 tiles + the base image
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=R.CHAT_TEMPLATE)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=112, patch_size=14),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=2048,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=64)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model, processor = R.load_vlm(str(tmp_path), "cpu", torch.float32)  # what --model PATH does
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    model.eval()
+    samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
+    assert samples[0]["image"]["pixel_values"].shape == (5, 3, 112, 112)  # 4 tiles + the base image
+    assert samples[0]["image"]["image_sizes"].tolist() == [224, 224]
+    assert len({len(s["prompt_ids"]) for s in samples}) > 1  # padding really happens
+    vh = R.make_value_head(R.text_hidden_size(model))
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        batched = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        for i, s in enumerate(samples):
+            single = R.score(model, vh, *R.collate([s], pad, "cpu"), 0.2, 0.5)
+            assert batched[0][i].item() == pytest.approx(single[0].item(), abs=1e-3, rel=1e-5)
+            assert batched[1][i].item() == pytest.approx(single[1].item(), abs=1e-5)
+
+
+def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
+    """A LoRA run saves an adapter; resuming it without --lora still trains the adapter and saves it as one."""
+    pytest.importorskip("peft")
+    model, processor = tiny
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    processor.save_pretrained(base)
+    common = ["--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4",
+              "--micro-batch-size", "2", "--eval-episodes", "0", "--num-updates", "1"]
+    r = _run("--model", str(base), "--lora", "--lora-rank", "4", *common, "--save-dir", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "a" / "model" / "adapter_config.json").exists()
+    r = _run("--load", str(tmp_path / "a" / "model"), "--sft-steps", "1", "--sft-batch-size", "2", *common,
+             "--save-dir", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded, _, _, meta = R.load_checkpoint(str(tmp_path / "b" / "model"), "cpu", torch.float32)
+    assert meta["lora"] is True and meta["base_model"] == str(base)
+    trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
