@@ -19,8 +19,9 @@ How this file departs from the paper (on purpose):
   starts from random weights, so it is fully fine-tuned (no LoRA) and its SFT warm start is made on
   the fly from the environments' scripted experts instead of a fixed data set.
 - The SFT demonstrations' actions come from the expert only with probability --sft-expert-prob and
-  are uniformly random otherwise, while their thoughts always describe the true state: SFT teaches
-  reading the image and the answer format, and RL has the deciding left to learn.
+  are uniformly random otherwise, while their thoughts always describe the true state and how its
+  numbers relate ("the target 5 is larger", "2 * 6 makes 12") without naming the next action: SFT
+  teaches reading the image, relating and the answer format; RL has the deciding left to learn.
 - Learning rate, rollout size and PPO epochs suit the tiny model (the paper used 7B LLaVA, LoRA,
   lr 1e-5, 512-step rollouts on 8 A100s). gamma, gae_lambda, clip_coef, temperature and thought_coef
   are the paper's.
@@ -112,14 +113,14 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
-                   help="SFT steps before RL (default: 1000 for the tiny model, 0 with --load or --model PATH)")
+                   help="SFT steps before RL (default: 1500 for the tiny model, 0 with --load or --model PATH)")
     g.add_argument("--sft-batch-size", type=positive_int, default=32, help="demonstrations per SFT step")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=0.0,
                    help="share of demonstration actions taken from the expert; the rest are uniformly random")
 
     g = p.add_argument_group("PPO")
-    g.add_argument("--num-updates", type=nonneg_int, default=40, help="PPO updates (rollout + optimisation)")
+    g.add_argument("--num-updates", type=nonneg_int, default=60, help="PPO updates (rollout + optimisation)")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
     g.add_argument("--lr", type=positive_float, default=3e-5,
                    help="Adam learning rate, cosine-decayed over the run (logits are divided by T = 0.2, "
@@ -133,6 +134,9 @@ def parse_args(argv=None):
     g.add_argument("--minibatch-size", type=positive_int, default=32, help="samples per optimiser step")
     g.add_argument("--micro-batch-size", type=positive_int, default=32,
                    help="samples per forward pass; gradients accumulate up to --minibatch-size")
+    g.add_argument("--target-kl", type=positive_float, default=0.02,
+                   help="stop an update early once a minibatch's approximate KL exceeds this; it keeps the "
+                        "answer format from breaking in KL spikes (not in the paper)")
     g.add_argument("--thought-coef", type=unit_float, default=0.5,
                    help="lambda, the weight of the thought tokens' log-prob (paper: 0.5)")
 
@@ -140,13 +144,15 @@ def parse_args(argv=None):
     g.add_argument("--eval-episodes", type=nonneg_int, default=200,
                    help="episodes on fixed seeds, evaluated after SFT and after RL (0: skip)")
     g.add_argument("--save-dir", default=None,
-                   help="where the model, processor, value head and metrics go (default runs/TASK-sSEED)")
+                   help="where the model, processor, value head and metrics go (default runs/TASK-sSEED, "
+                        "with -load appended for --load runs, so evaluating a run never overwrites it)")
     args = p.parse_args(argv)
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
-    args.save_dir = args.save_dir or os.path.join("runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}")
+    args.save_dir = args.save_dir or os.path.join(
+        "runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
     if args.sft_steps is None:
-        args.sft_steps = 1000 if (args.model == "tiny" and args.load is None) else 0
+        args.sft_steps = 1500 if (args.model == "tiny" and args.load is None) else 0
     return args
 
 
@@ -155,8 +161,8 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402  (heavy imports after parsing, see above)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402  (a dependency of transformers)
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: E402
 
 import envs  # noqa: E402
@@ -195,11 +201,19 @@ def cot_fields(task, info):
 
 
 def thoughts_text(task, info):
-    """A one-sentence description of the state: the demos' thoughts (they never say what to do)."""
+    """The demos' thoughts: what the image shows and how its numbers relate, never what to do next.
+    SFT teaches reading and relating; which action follows is left to RL. This is what the paper's
+    CoT ablation measures: the thoughts are what make the decision learnable."""
     if task == "numberline":
-        return f"The current number is {info['current']} and the target is {info['target']}."
+        side = "larger" if info["target"] > info["current"] else "smaller"
+        return f"The current number is {info['current']} and the target {info['target']} is {side}."
     if task in ("ezpoints", "points24"):
-        return f"The cards are {', '.join(map(str, info['numbers']))} and the formula is '{info['formula']}'."
+        target, ops = (12, "+*") if task == "ezpoints" else (24, "+-*/")
+        units = info["formula"].split()
+        plan = next((" ".join(s) for s in envs.solve(tuple(sorted(info["numbers"])), target, ops)
+                     if list(s[:len(units)]) == units), None)  # the env's exact solver
+        cards = ", ".join(map(str, info["numbers"]))
+        return f"The cards are {cards}; " + (f"{plan} makes {target}." if plan else f"no formula from here makes {target}.")
     soft = " with a usable ace" if info["usable_ace"] else ""
     return f"I have {info['player_total']}{soft} and the dealer shows {info['dealer_card']}."
 
@@ -364,7 +378,7 @@ def build_tiny_vlm(size="small", vocab_size=1024):
 
 
 def make_value_head(hidden_size):
-    """Paper Sec. 4: an MLP on the VLM's last-layer hidden state at the last prompt token."""
+    """The paper's value head: an MLP on the VLM's last-layer hidden state at the last prompt token."""
     return torch.nn.Sequential(torch.nn.Linear(hidden_size, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1))
 
 
@@ -656,13 +670,14 @@ def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, ad
     params = [p for group in optimizer.param_groups for p in group["params"]]
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_frac": []}
-    order = list(range(len(samples)))
+    order, stop = list(range(len(samples))), False
     model.train()
     for _ in range(args.update_epochs):
         rng.shuffle(order)
         for start in range(0, len(order), args.minibatch_size):
             minibatch = order[start:start + args.minibatch_size]
             optimizer.zero_grad(set_to_none=True)
+            n_micro = math.ceil(len(minibatch) / args.micro_batch_size)
             for m in range(0, len(minibatch), args.micro_batch_size):
                 idx = minibatch[m:m + args.micro_batch_size]
                 batch, P, R = collate([samples[i] for i in idx], pad_id, device)
@@ -687,6 +702,12 @@ def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, ad
                     stats["clip_frac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
+            # CleanRL's target_kl: once a minibatch shows the policy has moved this far, stop the update
+            stop = np.mean(stats["approx_kl"][-n_micro:]) > args.target_kl
+            if stop:
+                break
+        if stop:
+            break
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
@@ -788,7 +809,6 @@ def main(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(args.save_dir, exist_ok=True)
     metrics_path = os.path.join(args.save_dir, "metrics.csv")
-    from tqdm.auto import tqdm
 
     def log(line):
         tqdm.write(line)
@@ -806,7 +826,7 @@ def main(args):
         model.to(device)
     else:
         model, processor = load_vlm(args.model, device, dtype)
-    if args.lora and not args.load:
+    if args.lora and not hasattr(model, "peft_config"):  # a loaded adapter is already LoRA
         model = add_lora(model, args.lora_rank)
     value_head = make_value_head(text_hidden_size(model)).to(device)
     if value_state is not None:
@@ -838,15 +858,16 @@ def main(args):
         rng = random.Random(args.seed)
         pool = EnvPool(args.task, args.num_envs, seed=args.seed * 100_000)
         fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
-                  "approx_kl", "clip_frac", "lr", "sps", "t_generate", "t_score", "t_env", "t_update"]
-        with open(metrics_path, "w") as f:
-            f.write(",".join(fields) + "\n")
+                  "approx_kl", "clip_frac", "lr", "sps", "t_prompt", "t_generate", "t_score", "t_env", "t_update"]
+        if args.num_updates:
+            with open(metrics_path, "w") as f:
+                f.write(",".join(fields) + "\n")
         t_rl = time.time()
         for update in range(1, args.num_updates + 1):
             lr = args.lr * 0.5 * (1 + math.cos(math.pi * (update - 1) / args.num_updates))  # cosine schedule
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            timing = dict.fromkeys(["generate", "score", "env", "update"], 0.0)
+            timing = dict.fromkeys(["prompt", "generate", "score", "env", "update"], 0.0)
             T, N = args.num_steps, args.num_envs
             samples, finished, invalid = [], [], []
             rewards, values, log_pis = torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N)
@@ -858,9 +879,11 @@ def main(args):
                 # --- rollout step: prompt + image -> answer -> action
                 t0 = time.time()
                 inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
+                timing["prompt"] += time.time() - t0
+                t0 = time.time()
                 responses = generate(model, inputs, gen_config)
                 timing["generate"] += time.time() - t0
-                t0 = time.time()
+                t0 = time.time()  # "score": parse the answers, then old log-probs and values
                 texts = tok.batch_decode(responses, skip_special_tokens=True)
                 actions, bad = choose_actions(texts, pool.action_names, rng)
                 invalid += bad
@@ -918,20 +941,21 @@ def main(args):
     bar.close()
     results["rl_seconds"] = time.time() - t_rl
 
-    # --- final evaluation and save
-    if args.eval_episodes and not interrupted:
-        final_eval = evaluate(model, processor, args, device, args.eval_episodes)
-        results["final"] = final_eval
+    # --- final evaluation and save (nothing trained, as in `--load DIR --num-updates 0`: nothing to save)
+    trained = args.sft_steps > 0 or env_steps > 0
+    if args.eval_episodes and args.num_updates and not interrupted:
+        results["final"] = evaluate(model, processor, args, device, args.eval_episodes)
     results["total_seconds"] = time.time() - t_start
-    save(model, processor, value_head, os.path.join(args.save_dir, "model"),
-         {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "env_steps": env_steps})
+    if trained:
+        save(model, processor, value_head, os.path.join(args.save_dir, "model"),
+             {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "env_steps": env_steps})
+        log(f"saved to {os.path.join(args.save_dir, 'model')}")
     with open(os.path.join(args.save_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), **results}, f, indent=1)
     if "start" in results and "final" in results:
         log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
             f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
             f"{results['total_seconds'] / 60:.1f} min in all")
-    log(f"saved to {os.path.join(args.save_dir, 'model')}")
     return 130 if interrupted else 0
 
 

@@ -423,11 +423,9 @@ def test_scaled_logprob_matches_hand_computation(tiny):
         assert value[i].item() == pytest.approx(expected_v.item(), abs=1e-5)
 
 
-def test_batched_scoring_equals_one_at_a_time(tiny):
-    model, processor = tiny
-    model.eval()
+def _assert_batched_equals_single(model, processor, samples):
+    """Scoring a left-padded batch gives each sample's log pi and value as scoring it alone."""
     vh = R.make_value_head(R.text_hidden_size(model))
-    samples = _samples(model, processor, n=4, seed=1)
     assert len({len(s["prompt_ids"]) for s in samples}) > 1  # padding really happens
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
@@ -436,6 +434,12 @@ def test_batched_scoring_equals_one_at_a_time(tiny):
             single = R.score(model, vh, *R.collate([s], pad, "cpu"), 0.2, 0.5)
             assert batched[0][i].item() == pytest.approx(single[0].item(), abs=1e-3, rel=1e-5)
             assert batched[1][i].item() == pytest.approx(single[1].item(), abs=1e-5)
+
+
+def test_batched_scoring_equals_one_at_a_time(tiny):
+    model, processor = tiny
+    model.eval()
+    _assert_batched_equals_single(model, processor, _samples(model, processor, n=4, seed=1))
 
 
 def test_generate_and_scoring_see_the_same_context(tiny):
@@ -530,6 +534,32 @@ def test_ppo_update_follows_the_advantage(tiny):
         p.data.copy_(b)
 
 
+def test_target_kl_stops_the_update_early(tiny):
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=6, seed=5, task="numberline")
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        old_lp, old_v = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def optimizer_steps(target_kl):
+        for p, b in zip(model.parameters(), before):
+            p.data.copy_(b)
+        opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=1e-4)
+        args = R.parse_args(["--update-epochs", "3", "--minibatch-size", "2", "--micro-batch-size", "2",
+                             "--target-kl", str(target_kl)])
+        adv = torch.tensor([1.0, -1.0] * 3)
+        R.ppo_update(model, vh, opt, samples, old_lp, old_v, adv, old_v + adv, pad, args, "cpu", random.Random(0))
+        return int(opt.state[next(iter(model.parameters()))]["step"])
+
+    assert optimizer_steps(1e6) == 9  # 3 epochs x 3 minibatches
+    # the first minibatch is scored before any step (KL 0); the next one sees the moved policy and stops
+    assert optimizer_steps(1e-9) == 2
+    for p, b in zip(model.parameters(), before):
+        p.data.copy_(b)
+
+
 def test_nan_loss_stops_the_update(tiny):
     model, processor = tiny
     vh = R.make_value_head(R.text_hidden_size(model))
@@ -606,6 +636,9 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     r2 = _run("--task", "ezpoints", "--load", str(out / "model"), "--num-updates", "0", "--eval-episodes", "2",
               "--num-envs", "2", "--max-new-tokens", "16", "--save-dir", str(tmp_path / "again"))
     assert r2.returncode == 0, r2.stderr[-2000:]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["start"]["episodes"] == 2 and "final" not in again  # evaluated once
+    assert not (tmp_path / "again" / "model").exists()  # nothing trained, nothing saved
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -719,15 +752,7 @@ def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
     samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
     assert samples[0]["image"]["pixel_values"].shape == (5, 3, 112, 112)  # 4 tiles + the base image
     assert samples[0]["image"]["image_sizes"].tolist() == [224, 224]
-    assert len({len(s["prompt_ids"]) for s in samples}) > 1  # padding really happens
-    vh = R.make_value_head(R.text_hidden_size(model))
-    pad = processor.tokenizer.pad_token_id
-    with torch.no_grad():
-        batched = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
-        for i, s in enumerate(samples):
-            single = R.score(model, vh, *R.collate([s], pad, "cpu"), 0.2, 0.5)
-            assert batched[0][i].item() == pytest.approx(single[0].item(), abs=1e-3, rel=1e-5)
-            assert batched[1][i].item() == pytest.approx(single[1].item(), abs=1e-5)
+    _assert_batched_equals_single(model, processor, samples)
 
 
 def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
