@@ -729,7 +729,8 @@ def evaluate(model, processor, args, device, episodes):
     next_episode, active = n, list(range(n))
     returns, invalid, answers = [], 0, 0
     while active:
-        inputs = process(processor, [pool.prompts(not args.no_cot)[i] for i in active], [pool.obs[i] for i in active], device)
+        prompts = pool.prompts(not args.no_cot)
+        inputs = process(processor, [prompts[i] for i in active], [pool.obs[i] for i in active], device)
         texts = processor.tokenizer.batch_decode(generate(model, inputs, gen_config), skip_special_tokens=True)
         actions, bad = choose_actions(texts, pool.action_names, rng)
         invalid, answers = invalid + sum(bad), answers + len(bad)
