@@ -232,6 +232,15 @@ def solve(numbers, target, ops="+-*/"):
     return tuple(sorted(solutions, key=lambda t: (len(t), t)))
 
 
+def continue_solution(numbers, units, target, ops):
+    """The first (shortest) solution that starts with `units`, the formula written so far, or None.
+    `ops` may include brackets; only the arithmetic operators matter to the solver."""
+    for sol in solve(tuple(sorted(numbers)), target, "".join(o for o in ops if o in PREC)):
+        if list(sol[:len(units)]) == list(units):
+            return sol
+    return None
+
+
 # ---------------------------------------------------------------- Blackjack helpers
 DRAW = [(v, (4 if v == 10 else 1) / 13) for v in range(1, 11)]  # infinite deck: value, probability
 
@@ -418,10 +427,8 @@ class _FormulaGame(_Task):
     def expert_action(self):
         """Continue the first (shortest) solution that the formula so far is a prefix of; else give up."""
         k = len(self.units)
-        for sol in solve(tuple(sorted(self.numbers)), self.target, "".join(o for o in self.ops if o in PREC)):
-            if list(sol[:k]) == self.units:
-                return self.action_names.index(sol[k] if len(sol) > k else "=")
-        return self.action_names.index("=")
+        sol = continue_solution(self.numbers, self.units, self.target, self.ops)
+        return self.action_names.index(sol[k] if sol and len(sol) > k else "=")
 
     def _image(self):
         S, img = self.image_size, self._table.copy()

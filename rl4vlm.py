@@ -24,7 +24,8 @@ How this file departs from the paper (on purpose):
   teaches reading the image, relating and the answer format; RL has the deciding left to learn.
 - Learning rate, rollout size and PPO epochs suit the tiny model (the paper used 7B LLaVA, LoRA,
   lr 1e-5, 512-step rollouts on 8 A100s). gamma, gae_lambda, clip_coef, temperature and thought_coef
-  are the paper's.
+  are the paper's. An update stops early once its approximate KL passes --target-kl (CleanRL's
+  target_kl, not in the paper): it keeps KL spikes from breaking the answer format.
 - A step whose answer names no legal action is played with a uniformly random legal action (as in
   the paper) and counted in the `invalid` rate.
 
@@ -102,7 +103,7 @@ def parse_args(argv=None):
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model (needs peft)")
     g.add_argument("--lora-rank", type=positive_int, default=128, help="LoRA rank r (alpha = 2r)")
     g.add_argument("--tiny-size", default="mini", choices=["mini", "small", "base"],
-                   help="size of the tiny model: mini 0.7M, small 3.9M, base 8.6M parameters")
+                   help="size of the tiny model: mini 0.6M, small 3.4M, base 7.3M parameters")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     g = p.add_argument_group("generation")
@@ -208,12 +209,11 @@ def thoughts_text(task, info):
         side = "larger" if info["target"] > info["current"] else "smaller"
         return f"The current number is {info['current']} and the target {info['target']} is {side}."
     if task in ("ezpoints", "points24"):
-        target, ops = (12, "+*") if task == "ezpoints" else (24, "+-*/")
-        units = info["formula"].split()
-        plan = next((" ".join(s) for s in envs.solve(tuple(sorted(info["numbers"])), target, ops)
-                     if list(s[:len(units)]) == units), None)  # the env's exact solver
+        game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
+        plan = envs.continue_solution(info["numbers"], info["formula"].split(), game.target, game.ops)
         cards = ", ".join(map(str, info["numbers"]))
-        return f"The cards are {cards}; " + (f"{plan} makes {target}." if plan else f"no formula from here makes {target}.")
+        return f"The cards are {cards}; " + (f"{' '.join(plan)} makes {game.target}." if plan
+                                              else f"no formula from here makes {game.target}.")
     soft = " with a usable ace" if info["usable_ace"] else ""
     return f"I have {info['player_total']}{soft} and the dealer shows {info['dealer_card']}."
 
@@ -337,7 +337,7 @@ def tokenizer_corpus(n_states=64):
     return texts
 
 
-def build_tiny_vlm(size="small", vocab_size=1024):
+def build_tiny_vlm(size="mini", vocab_size=1024):
     """A LLaVA-architecture VLM (CLIP-style vision tower + Llama text model) and its processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaImageProcessorPil,
