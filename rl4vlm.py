@@ -26,6 +26,10 @@ How this file departs from the paper (on purpose):
   lr 1e-5, 512-step rollouts on 8 A100s). gamma, gae_lambda, clip_coef, temperature and thought_coef
   are the paper's. An update stops early once its approximate KL passes --target-kl (CleanRL's
   target_kl, not in the paper): it keeps KL spikes from breaking the answer format.
+- The PPO loss adds --kl-coef times KL(pi || pi_SFT), the exact KL to the SFT policy at every answer
+  token, averaged over the answer (the usual RLHF term, not in the paper). Without it the tiny model's
+  JSON broke within 10-20 updates in every setting we tried (the "action" value turned into thought
+  text, which parses as no action); a 7B model's format is far sturdier than a 0.6M one's.
 - A step whose answer names no legal action is played with a uniformly random legal action (as in
   the paper) and counted in the `invalid` rate.
 
@@ -37,6 +41,7 @@ Run:
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -72,6 +77,13 @@ def positive_float(s):
     v = float(s)
     if not v > 0 or not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
+    return v
+
+
+def nonneg_float(s):
+    v = float(s)
+    if not v >= 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {s}")
     return v
 
 
@@ -121,9 +133,9 @@ def parse_args(argv=None):
                    help="share of demonstration actions taken from the expert; the rest are uniformly random")
 
     g = p.add_argument_group("PPO")
-    g.add_argument("--num-updates", type=nonneg_int, default=60, help="PPO updates (rollout + optimisation)")
+    g.add_argument("--num-updates", type=nonneg_int, default=40, help="PPO updates (rollout + optimisation)")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
-    g.add_argument("--lr", type=positive_float, default=3e-5,
+    g.add_argument("--lr", type=positive_float, default=1e-4,
                    help="Adam learning rate, cosine-decayed over the run (logits are divided by T = 0.2, "
                         "so log-probs move 5x faster than the weights suggest)")
     g.add_argument("--gamma", type=float, default=0.9, help="discount (paper: 0.9)")
@@ -138,6 +150,9 @@ def parse_args(argv=None):
     g.add_argument("--target-kl", type=positive_float, default=0.02,
                    help="stop an update early once a minibatch's approximate KL exceeds this; it keeps the "
                         "answer format from breaking in KL spikes (not in the paper)")
+    g.add_argument("--kl-coef", type=nonneg_float, default=3.0,
+                   help="weight of KL(pi || SFT policy) per answer token in the loss (not in the paper; 0: off); "
+                        "keeps a frozen copy of the model, or with --lora switches the adapters off instead")
     g.add_argument("--thought-coef", type=unit_float, default=0.5,
                    help="lambda, the weight of the thought tokens' log-prob (paper: 0.5)")
 
@@ -339,13 +354,17 @@ def tokenizer_corpus(n_states=64):
 
 def build_tiny_vlm(size="mini", vocab_size=1024):
     """A LLaVA-architecture VLM (CLIP-style vision tower + Llama text model) and its processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaImageProcessorPil,
                               LlavaProcessor, PreTrainedTokenizerFast)
 
     # Byte-level BPE: any text tokenizes (no unknown tokens), and the task words become single tokens.
+    # ' "' (a JSON string opening) is always a token of its own, so every action value is chosen at one
+    # place, after a shared ' "', rather than BPE fusing quote, value and brace into one token per
+    # action ('"-"}') that competes with the opening of any other string.
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(' "'), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
@@ -520,26 +539,47 @@ def collate(samples, pad_id, device):
 
 
 def token_logprobs(model, batch, P, R, temperature):
-    """-> log-probs of the answer tokens (B, R) and the hidden state at the last prompt token (B, H)."""
+    """-> log-softmax over the vocabulary at every answer position (B, R, V) and the hidden state at
+    the last prompt token (B, H)."""
     inputs = {k: v for k, v in batch.items() if k not in ("thought_mask", "action_mask")}
     # Positions count real tokens only, as in generate; the default arange would shift left-padded rows.
     position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     out = model(**inputs, position_ids=position_ids, output_hidden_states=True, logits_to_keep=R + 1)
     logits = out.logits[:, :-1].float() / temperature  # (B, R, V): column j predicts answer token j
-    logits[..., model.config.image_token_id] = float("-inf")  # suppressed in generate too
-    answer = batch["input_ids"][:, P:]  # (B, R)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, answer[..., None])[..., 0]  # (B, R)
+    # Suppressed in generate too; a finite floor keeps the KL below free of inf - inf.
+    logits[..., model.config.image_token_id] = -1e9
     hidden = out.hidden_states[-1][:, P - 1]  # (B, H)
-    return logp, hidden
+    return torch.log_softmax(logits, dim=-1), hidden
 
 
-def score(model, value_head, batch, P, R, temperature, thought_coef):
-    """log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens), and V(s)."""
-    logp, hidden = token_logprobs(model, batch, P, R, temperature)
-    logp = logp.masked_fill((batch["thought_mask"] + batch["action_mask"]) == 0, 0.0)  # padding
+def answer_logp(logprobs, batch, P):
+    """The log-probs of the answer's own tokens: (B, R, V) -> (B, R)."""
+    return logprobs.gather(-1, batch["input_ids"][:, P:, None])[..., 0]
+
+
+@torch.no_grad()
+def reference_logprobs(model, ref_model, batch, P, R, temperature):
+    """The SFT policy's log-probs (B, R, V): ref_model is a frozen copy of it, or, for LoRA, the model
+    itself, whose adapters are then switched off."""
+    if ref_model is model:
+        with model.disable_adapter():
+            return token_logprobs(model, batch, P, R, temperature)[0]
+    return token_logprobs(ref_model, batch, P, R, temperature)[0]
+
+
+def score(model, value_head, batch, P, R, temperature, thought_coef, ref_logprobs=None):
+    """log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens), V(s), and,
+    given the reference's log-probs, KL(pi || pi_ref) per answer token, averaged over the answer."""
+    logprobs, hidden = token_logprobs(model, batch, P, R, temperature)  # (B, R, V), (B, H)
+    mask = batch["thought_mask"] + batch["action_mask"]  # (B, R): 0 on padding
+    logp = answer_logp(logprobs, batch, P).masked_fill(mask == 0, 0.0)
     log_pi = thought_coef * (logp * batch["thought_mask"]).sum(1) + (logp * batch["action_mask"]).sum(1)
     value = value_head(hidden.float())[:, 0]
-    return log_pi, value  # (B,), (B,)
+    kl = None
+    if ref_logprobs is not None:  # exact KL over the vocabulary at each position, not a sampled estimate
+        kl_tokens = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)  # (B, R)
+        kl = (kl_tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return log_pi, value, kl  # (B,), (B,), (B,) or None
 
 
 @torch.no_grad()
@@ -624,7 +664,7 @@ def sft(model, processor, args, device, log):
         samples = [make_sample(inputs, i, torch.tensor(tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]), tok)
                    for i, ans in enumerate(answers)]
         batch, P, R = collate(samples, tok.pad_token_id, device)
-        logp, _ = token_logprobs(model, batch, P, R, temperature=1.0)
+        logp = answer_logp(token_logprobs(model, batch, P, R, temperature=1.0)[0], batch, P)
         mask = batch["thought_mask"] + batch["action_mask"]  # (B, R)
         loss = -(logp * mask).sum() / mask.sum()
         if not torch.isfinite(loss):
@@ -663,13 +703,16 @@ def compute_gae(rewards, values, terminated, truncated, final_values, last_value
 
 
 # ----------------------------------------------------------------------------------------------
-# The PPO update: clipped surrogate, clipped value loss, normalised advantages, grad-norm clip.
+# The PPO update: clipped surrogate, clipped value loss, normalised advantages, grad-norm clip, and
+# (ours) the KL to the SFT policy.
 
-def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, advantages, returns, pad_id, args, device, rng):
-    """One PPO optimisation over a rollout's samples; every tensor argument is flat, (T * N,)."""
+def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, advantages, returns, pad_id, args, device,
+               rng, ref_model=None):
+    """One PPO optimisation over a rollout's samples; every tensor argument is flat, (T * N,).
+    Given ref_model (see reference_logprobs), the loss adds --kl-coef times the KL to it."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_frac": []}
+    stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_frac": [], "ref_kl": []}
     order, stop = list(range(len(samples))), False
     model.train()
     for _ in range(args.update_epochs):
@@ -681,7 +724,8 @@ def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, ad
             for m in range(0, len(minibatch), args.micro_batch_size):
                 idx = minibatch[m:m + args.micro_batch_size]
                 batch, P, R = collate([samples[i] for i in idx], pad_id, device)
-                log_pi, value = score(model, value_head, batch, P, R, args.temperature, args.thought_coef)
+                ref = None if ref_model is None else reference_logprobs(model, ref_model, batch, P, R, args.temperature)
+                log_pi, value, ref_kl = score(model, value_head, batch, P, R, args.temperature, args.thought_coef, ref)
                 idx_t = torch.tensor(idx)
                 adv, ret = advantages[idx_t].to(device), returns[idx_t].to(device)
                 old_lp, old_v = old_log_pi[idx_t].to(device), old_values[idx_t].to(device)
@@ -693,7 +737,11 @@ def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, ad
                 for name, x in (("policy loss", policy_loss), ("value loss", value_loss)):
                     if not torch.isfinite(x):
                         raise FloatingPointError(f"{name} is {x.item()}")
-                loss = (policy_loss + args.vf_coef * value_loss) * len(idx) / len(minibatch)
+                loss = policy_loss + args.vf_coef * value_loss
+                if ref_kl is not None:  # keep the answers near the SFT policy's (not in the paper)
+                    loss = loss + args.kl_coef * ref_kl.mean()
+                    stats["ref_kl"].append(ref_kl.mean().item())
+                loss = loss * len(idx) / len(minibatch)
                 loss.backward()
                 with torch.no_grad():
                     stats["policy_loss"].append(policy_loss.item())
@@ -708,7 +756,7 @@ def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, ad
                 break
         if stop:
             break
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+    return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,15 +899,24 @@ def main(args):
             log(f"eval before RL: success {start_eval['success']:.3f} | return {start_eval['return']:.3f} | "
                 f"invalid {start_eval['invalid']:.3f} | {start_eval['episodes']} episodes")
 
-        # --- RL
+        # --- RL trains the language model, the projector and the value head. The vision tower keeps what
+        # SFT taught it, as the paper's LoRA keeps CLIP frozen: rewards cannot wear away reading the image.
+        for name, p in model.named_parameters():
+            if "vision_tower" in name:
+                p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        ref_model = None  # the SFT policy for --kl-coef: a frozen copy, or a LoRA model itself (adapters off)
+        if args.kl_coef:
+            lora = hasattr(model, "peft_config")
+            ref_model = model if lora else copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
         gen_config = generation_config(model, processor, args)
         tok = processor.tokenizer
         rng = random.Random(args.seed)
         pool = EnvPool(args.task, args.num_envs, seed=args.seed * 100_000)
         fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
-                  "approx_kl", "clip_frac", "lr", "sps", "t_prompt", "t_generate", "t_score", "t_env", "t_update"]
+                  "approx_kl", "clip_frac", "ref_kl", "lr", "sps",
+                  "t_prompt", "t_generate", "t_score", "t_env", "t_update"]
         if args.num_updates:
             with open(metrics_path, "w") as f:
                 f.write(",".join(fields) + "\n")
@@ -891,7 +948,8 @@ def main(args):
                 step_samples = [make_sample(inputs, i, responses[i], tok) for i in range(N)]
                 with torch.no_grad():  # old log-probs and values, scored with the same code PPO uses
                     batch, P, R = collate(step_samples, tok.pad_token_id, device)
-                    log_pis[t], values[t] = (x.float().cpu() for x in score(model, value_head, batch, P, R, args.temperature, args.thought_coef))
+                    log_pi, value, _ = score(model, value_head, batch, P, R, args.temperature, args.thought_coef)
+                    log_pis[t], values[t] = log_pi.float().cpu(), value.float().cpu()
                 samples += step_samples
                 timing["score"] += time.time() - t0
                 if t == 0:
@@ -917,7 +975,8 @@ def main(args):
                                               args.gamma, args.gae_lambda)
             t0 = time.time()
             stats = ppo_update(model, value_head, optimizer, samples, log_pis.flatten(), values.flatten(),
-                               advantages.flatten(), returns.flatten(), tok.pad_token_id, args, device, rng)
+                               advantages.flatten(), returns.flatten(), tok.pad_token_id, args, device, rng,
+                               ref_model)
             timing["update"] = time.time() - t0
 
             # --- log
@@ -933,7 +992,7 @@ def main(args):
             log(f"update {update}/{args.num_updates} | steps {env_steps} | success {row['success']:.2f} "
                 f"({len(finished)} ep) | return {row['return']:.2f} | invalid {row['invalid']:.2f} | "
                 f"pg {stats['policy_loss']:.4f} v {stats['value_loss']:.4f} kl {stats['approx_kl']:.4f} "
-                f"clip {stats['clip_frac']:.2f} | lr {lr:.1e} | {sps:.1f} sps | {split}")
+                f"ref_kl {stats['ref_kl']:.4f} clip {stats['clip_frac']:.2f} | lr {lr:.1e} | {sps:.1f} sps | {split}")
             log(sample_line)
             bar.update(1)
     except KeyboardInterrupt:

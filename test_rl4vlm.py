@@ -3,6 +3,7 @@
 Everything runs on a CPU with nothing downloaded: the environments, and a tiny LLaVA-architecture
 model built from configs by rl4vlm.py. The whole file takes a few minutes on two cores.
 """
+import copy
 import json
 import os
 import random
@@ -399,6 +400,21 @@ def test_action_start_splits_at_the_action_key(tiny):
     assert R.action_start(tok, no_key) == len(no_key)  # no key: all thoughts
 
 
+def test_action_values_follow_a_quote_token_of_their_own(tiny):
+    """After '"action":' comes a ' "' token shared by all actions, then the value: so the choice of
+    action is a choice between value tokens, not between a fused ' "-"}' and any other opening."""
+    tok = tiny[1].tokenizer
+    for task in R.TASK_NAMES:
+        env = envs.make(task)
+        _, info = env.reset(seed=0)
+        for name in env.action_names:
+            ids = tok(" " + R.format_response(task, info, name), add_special_tokens=False).input_ids
+            pieces = [tok.decode([i]) for i in ids]
+            k = len(pieces) - 1 - pieces[::-1].index(' "')  # the last ' "' token
+            assert "".join(pieces[:k]).endswith('"action":'), (task, name, pieces[-6:])
+            assert "".join(pieces[k + 1:]) == name + '"}'
+
+
 def test_scaled_logprob_matches_hand_computation(tiny):
     model, processor = tiny
     model.eval()
@@ -407,7 +423,7 @@ def test_scaled_logprob_matches_hand_computation(tiny):
     T, lam = 0.2, 0.5
     batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        log_pi, value = R.score(model, vh, batch, P, Rn, T, lam)
+        log_pi, value, _ = R.score(model, vh, batch, P, Rn, T, lam)
     for i, s in enumerate(samples):
         ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
         with torch.no_grad():
@@ -456,7 +472,7 @@ def test_generate_and_scoring_see_the_same_context(tiny):
     samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
     batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        logp, _ = R.token_logprobs(model, batch, P, Rn, temperature=1.0)
+        logp = R.answer_logp(R.token_logprobs(model, batch, P, Rn, temperature=1.0)[0], batch, P)
     for i, s in enumerate(samples):
         n = len(s["response_ids"])
         greedy_lp = logp[i, :n]
@@ -517,7 +533,7 @@ def test_ppo_update_follows_the_advantage(tiny):
     pad = processor.tokenizer.pad_token_id
     model.eval()
     with torch.no_grad():
-        old_lp, old_v = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
     args = R.parse_args(["--update-epochs", "1", "--minibatch-size", "6", "--micro-batch-size", "3", "--lr", "1e-3"])
     params = list(model.parameters()) + list(vh.parameters())
@@ -527,11 +543,87 @@ def test_ppo_update_follows_the_advantage(tiny):
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # one step: ratio is exactly 1 when scored
     model.eval()
     with torch.no_grad():
-        new_lp, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        new_lp, _, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
     change = new_lp - old_lp
     assert (change[adv > 0] > 0).all() and (change[adv < 0] < 0).all(), change
     for p, b in zip(model.parameters(), before):  # restore for the other tests
         p.data.copy_(b)
+
+
+def test_kl_to_the_reference_policy(tiny):
+    """--kl-coef: exact KL(pi || pi_ref) per answer token, averaged over each answer; 0 for pi itself."""
+    model, processor = tiny
+    model.eval()
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=3, seed=2, task="numberline")
+    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        assert R.score(model, vh, batch, P, Rn, 0.2, 0.5)[2] is None
+        same = R.score(model, vh, batch, P, Rn, 0.2, 0.5, R.reference_logprobs(model, ref, batch, P, Rn, 0.2))[2]
+        assert same.abs().max().item() < 1e-5
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        ref_lp = R.reference_logprobs(model, ref, batch, P, Rn, 0.2)
+        kl = R.score(model, vh, batch, P, Rn, 0.2, 0.5, ref_lp)[2]
+        for i, s in enumerate(samples):
+            ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
+            p, n = len(s["prompt_ids"]), len(s["response_ids"])
+            dists = []
+            for m in (model, ref):
+                logits = m(input_ids=ids, pixel_values=s["image"]["pixel_values"][None]).logits[0, p - 1:p - 1 + n]
+                logits[:, model.config.image_token_id] = float("-inf")
+                dists.append(torch.distributions.Categorical(logits=logits / 0.2))
+            expected = torch.distributions.kl_divergence(*dists).mean()
+            assert kl[i].item() == pytest.approx(expected.item(), rel=1e-3, abs=1e-5)
+            assert kl[i].item() > 1e-4
+
+
+def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=4, seed=4, task="numberline")
+    pad = processor.tokenizer.pad_token_id
+    before = [p.detach().clone() for p in model.parameters()]
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+
+    def kl_to_ref():
+        batch, P, Rn = R.collate(samples, pad, "cpu")
+        with torch.no_grad():
+            return R.score(model, vh, batch, P, Rn, 0.2, 0.5, R.reference_logprobs(model, ref, batch, P, Rn, 0.2))[2].mean()
+
+    with torch.no_grad():
+        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+    start = kl_to_ref()
+    opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=1e-3)
+    args = R.parse_args(["--update-epochs", "4", "--minibatch-size", "4", "--kl-coef", "1", "--vf-coef", "0",
+                         "--target-kl", "1e6"])
+    zero = torch.zeros(4)  # no advantage: only the KL term moves the policy
+    R.ppo_update(model, vh, opt, samples, old_lp, old_v, zero, old_v, pad, args, "cpu", random.Random(0), ref)
+    assert kl_to_ref() < 0.8 * start
+    for p, b in zip(model.parameters(), before):
+        p.data.copy_(b)
+
+
+def test_lora_reference_is_the_model_with_adapters_off(tiny):
+    pytest.importorskip("peft")
+    model, processor = R.build_tiny_vlm("mini")
+    model.eval()
+    samples = _samples(model, processor, n=2, seed=3, task="numberline")
+    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        base, _ = R.token_logprobs(model, batch, P, Rn, 0.2)
+        wrapped = R.add_lora(model, rank=4)
+        for n, p in wrapped.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))  # adapters that change the output
+        adapted, _ = R.token_logprobs(wrapped, batch, P, Rn, 0.2)
+        ref = R.reference_logprobs(wrapped, wrapped, batch, P, Rn, 0.2)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    assert torch.allclose(ref, base, atol=1e-5)
 
 
 def test_target_kl_stops_the_update_early(tiny):
@@ -540,7 +632,7 @@ def test_target_kl_stops_the_update_early(tiny):
     samples = _samples(model, processor, n=6, seed=5, task="numberline")
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        old_lp, old_v = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
     before = [p.detach().clone() for p in model.parameters()]
 
     def optimizer_steps(target_kl):
@@ -668,6 +760,23 @@ def test_cli_corrupt_checkpoint_is_one_clear_line(tiny, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot load" in lines[0], r.stderr
     assert (path / "rl4vlm.json").exists()  # the folder is left as it was
+
+
+def test_rl_leaves_the_vision_tower_as_sft_left_it(tiny, tmp_path):
+    model, processor = tiny
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "sft"),
+           {"task": "numberline", "cot": True})
+    r = _run("--load", str(tmp_path / "sft"), "--num-updates", "1", "--num-steps", "2", "--num-envs", "4",
+             "--max-new-tokens", "12", "--minibatch-size", "8", "--eval-episodes", "0", "--lr", "1e-3",
+             "--save-dir", str(tmp_path / "rl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from safetensors.torch import load_file
+    before = load_file(tmp_path / "sft" / "model.safetensors")
+    after = load_file(tmp_path / "rl" / "model" / "model.safetensors")
+    vision = [k for k in before if "vision_tower" in k]
+    language = [k for k in before if "language_model" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in language)  # RL did train the rest
 
 
 def _tiny_cli(out, *extra):
