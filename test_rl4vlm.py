@@ -802,10 +802,13 @@ def test_cli_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), *_tiny_cli(out, "--num-updates", "1000")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # wait for the first logged update
-        if (out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) >= 2:
-            break
+    deadline = time.time() + 600
+    # Interrupt only once the first update is logged: Ctrl-C during start-up (imports, building the
+    # model) is Python's ordinary KeyboardInterrupt, not what this test checks.
+    while not ((out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the run ended or logged no update in 600 s: " + proc.communicate()[1][-2000:])
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
