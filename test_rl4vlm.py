@@ -801,7 +801,9 @@ def test_cli_ctrl_c_saves_and_exits_cleanly(tmp_path):
     import time
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), *_tiny_cli(out, "--num-updates", "1000")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    # A shell's background job starts with SIGINT ignored, and Python then keeps ignoring it: restore it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 600
     # Interrupt only once the first update is logged: Ctrl-C during start-up (imports, building the
     # model) is Python's ordinary KeyboardInterrupt, not what this test checks.
