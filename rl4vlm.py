@@ -906,7 +906,7 @@ def main(args):
                 p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
         ref_model = None  # the SFT policy for --kl-coef: a frozen copy, or a LoRA model itself (adapters off)
-        if args.kl_coef:
+        if args.kl_coef and args.num_updates:  # no copy for SFT-only or evaluation-only runs
             lora = hasattr(model, "peft_config")
             ref_model = model if lora else copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)

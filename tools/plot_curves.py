@@ -1,7 +1,7 @@
 """Plot success rate against env steps from the metrics.csv files that rl4vlm.py writes.
 
     pip install matplotlib
-    python tools/plot_curves.py runs/numberline-s1 runs/numberline-nocot-s1 --out docs/numberline_curve.png
+    python tools/plot_curves.py runs/numberline-s1 runs/numberline-nocot-s1 --out docs/curves.png
 
 Each run is one line: the success rate of the episodes that finished in each update's rollout,
 smoothed over --window updates, with the evaluations before and after RL (results.json) as dots.
