@@ -465,14 +465,25 @@ def generation_config(model, processor, args):
 
 @torch.no_grad()
 def generate(model, inputs, gen_config):
-    """-> one 1-D tensor of response ids per row, cut after its first EOS."""
-    sequences = model.generate(**inputs, generation_config=gen_config)
-    new = sequences[:, inputs["input_ids"].shape[1]:].cpu()  # (B, R)
+    """-> one 1-D tensor of response ids per row, cut after its first EOS; the log-prob of every sampled
+    token under softmax(logits / T), (B, R); and the last-layer hidden state at the last prompt token, (B, H).
+
+    The last two are what a rollout stores for PPO (old log pi, V(s)), read off generate's own forward
+    passes rather than a second one; they agree with score() to float rounding (a test checks).
+    (For a 7B model the prefill's hidden states of all layers cost about 1.5 GB at 8 prompts.)
+    """
+    out = model.generate(**inputs, generation_config=gen_config, return_dict_in_generate=True,
+                         output_logits=True, output_hidden_states=True)
+    new = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
+    logits = torch.stack(out.logits, 1).float() / gen_config.temperature  # (B, R, V), raw logits / T
+    logits[..., model.config.image_token_id] = -1e9  # suppressed in sampling, masked so in scoring too
+    token_logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0].cpu()  # (B, R)
+    hidden = out.hidden_states[0][-1][:, -1]  # the prefill pass, last layer, last (left-padded) prompt token
     responses = []
-    for row in new:
+    for row in new.cpu():
         eos = (row == gen_config.eos_token_id).nonzero()
         responses.append(row[: eos[0, 0] + 1] if len(eos) else row)
-    return responses
+    return responses, token_logp, hidden
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,6 +526,16 @@ def make_sample(inputs, row, response_ids, tokenizer):
             "response_ids": response_ids, "action_start": action_start(tokenizer, response_ids)}
 
 
+def answer_masks(samples, R):
+    """(B, R) masks of each answer's thought tokens and its action tokens; 0 on padding."""
+    thought_mask, action_mask = torch.zeros((len(samples), R)), torch.zeros((len(samples), R))
+    for i, s in enumerate(samples):
+        r, a = len(s["response_ids"]), s["action_start"]
+        thought_mask[i, :min(a, r)] = 1
+        action_mask[i, a:r] = 1
+    return thought_mask, action_mask
+
+
 def collate(samples, pad_id, device):
     """Left-pad prompts to P and right-pad answers to R: every prompt ends at column P - 1."""
     P = max(len(s["prompt_ids"]) for s in samples)
@@ -522,15 +543,12 @@ def collate(samples, pad_id, device):
     B = len(samples)
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, P + R), dtype=torch.long)
-    thought_mask = torch.zeros((B, R))
-    action_mask = torch.zeros((B, R))
+    thought_mask, action_mask = answer_masks(samples, R)
     for i, s in enumerate(samples):
-        p, r, a = len(s["prompt_ids"]), len(s["response_ids"]), s["action_start"]
+        p, r = len(s["prompt_ids"]), len(s["response_ids"])
         input_ids[i, P - p:P] = s["prompt_ids"]
         input_ids[i, P:P + r] = s["response_ids"]
         attention_mask[i, P - p:P + r] = 1
-        thought_mask[i, :min(a, r)] = 1
-        action_mask[i, a:r] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "thought_mask": thought_mask, "action_mask": action_mask}
     for k in samples[0]["image"]:
@@ -567,13 +585,18 @@ def reference_logprobs(model, ref_model, batch, P, R, temperature):
     return token_logprobs(ref_model, batch, P, R, temperature)[0]
 
 
+def lambda_log_pi(logp, thought_mask, action_mask, thought_coef):
+    """The paper's action log-prob (Sec. 4.2) from per-token log-probs: (B, R) -> (B,)."""
+    logp = logp.masked_fill((thought_mask + action_mask) == 0, 0.0)  # padding may hold any value
+    return thought_coef * (logp * thought_mask).sum(1) + (logp * action_mask).sum(1)
+
+
 def score(model, value_head, batch, P, R, temperature, thought_coef, ref_logprobs=None):
     """log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens), V(s), and,
     given the reference's log-probs, KL(pi || pi_ref) per answer token, averaged over the answer."""
     logprobs, hidden = token_logprobs(model, batch, P, R, temperature)  # (B, R, V), (B, H)
+    log_pi = lambda_log_pi(answer_logp(logprobs, batch, P), batch["thought_mask"], batch["action_mask"], thought_coef)
     mask = batch["thought_mask"] + batch["action_mask"]  # (B, R): 0 on padding
-    logp = answer_logp(logprobs, batch, P).masked_fill(mask == 0, 0.0)
-    log_pi = thought_coef * (logp * batch["thought_mask"]).sum(1) + (logp * batch["action_mask"]).sum(1)
     value = value_head(hidden.float())[:, 0]
     kl = None
     if ref_logprobs is not None:  # exact KL over the vocabulary at each position, not a sampled estimate
@@ -779,7 +802,7 @@ def evaluate(model, processor, args, device, episodes):
     while active:
         prompts = pool.prompts(not args.no_cot)
         inputs = process(processor, [prompts[i] for i in active], [pool.obs[i] for i in active], device)
-        texts = processor.tokenizer.batch_decode(generate(model, inputs, gen_config), skip_special_tokens=True)
+        texts = processor.tokenizer.batch_decode(generate(model, inputs, gen_config)[0], skip_special_tokens=True)
         actions, bad = choose_actions(texts, pool.action_names, rng)
         invalid, answers = invalid + sum(bad), answers + len(bad)
         still = []
@@ -939,17 +962,17 @@ def main(args):
                 inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
                 timing["prompt"] += time.time() - t0
                 t0 = time.time()
-                responses = generate(model, inputs, gen_config)
+                responses, token_logp, hidden = generate(model, inputs, gen_config)  # (B, R), (B, H)
                 timing["generate"] += time.time() - t0
-                t0 = time.time()  # "score": parse the answers, then old log-probs and values
+                t0 = time.time()  # "score": parse the answers; old log pi and V(s) from generate's outputs
                 texts = tok.batch_decode(responses, skip_special_tokens=True)
                 actions, bad = choose_actions(texts, pool.action_names, rng)
                 invalid += bad
                 step_samples = [make_sample(inputs, i, responses[i], tok) for i in range(N)]
-                with torch.no_grad():  # old log-probs and values, scored with the same code PPO uses
-                    batch, P, R = collate(step_samples, tok.pad_token_id, device)
-                    log_pi, value, _ = score(model, value_head, batch, P, R, args.temperature, args.thought_coef)
-                    log_pis[t], values[t] = log_pi.float().cpu(), value.float().cpu()
+                thought_mask, action_mask = answer_masks(step_samples, token_logp.shape[1])
+                log_pis[t] = lambda_log_pi(token_logp, thought_mask, action_mask, args.thought_coef)
+                with torch.no_grad():
+                    values[t] = value_head(hidden.float())[:, 0].cpu()
                 samples += step_samples
                 timing["score"] += time.time() - t0
                 if t == 0:

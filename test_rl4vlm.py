@@ -381,7 +381,7 @@ def _samples(model, processor, n=4, seed=0, task="ezpoints", max_new_tokens=12):
     args = R.parse_args(["--max-new-tokens", str(max_new_tokens)])
     inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
     torch.manual_seed(seed)
-    responses = R.generate(model, inputs, R.generation_config(model, processor, args))
+    responses = R.generate(model, inputs, R.generation_config(model, processor, args))[0]
     return [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(n)]
 
 
@@ -468,7 +468,7 @@ def test_generate_and_scoring_see_the_same_context(tiny):
     inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
     gc = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "10"]))
     gc.do_sample = False
-    responses = R.generate(model, inputs, gc)
+    responses = R.generate(model, inputs, gc)[0]
     samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
     batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -483,6 +483,32 @@ def test_generate_and_scoring_see_the_same_context(tiny):
         logits[:, model.config.image_token_id] = float("-inf")
         best = torch.log_softmax(logits, -1)[len(s["prompt_ids"]) - 1:-1].max(-1).values[:n]
         assert torch.allclose(greedy_lp, best, atol=1e-4)
+
+
+def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
+    """The rollout stores old log pi and V(s) read off generate's own logits and hidden states; PPO
+    recomputes them with score(). Both must agree, or the first PPO ratio is not 1."""
+    model, processor = tiny
+    model.eval()
+    vh = R.make_value_head(R.text_hidden_size(model))
+    pool = R.EnvPool("ezpoints", 4, 3)
+    for i, env in enumerate(pool.envs):  # different prompt lengths, so the batch is left-padded
+        for _ in range(i):
+            pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    torch.manual_seed(0)
+    responses, token_logp, hidden = R.generate(model, inputs, R.generation_config(
+        model, processor, R.parse_args(["--max-new-tokens", "24", "--temperature", "0.7"])))
+    samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(4)]
+    assert len({len(r) for r in responses}) > 1 or len(responses[0]) == 24  # rows end at different lengths
+    thought_mask, action_mask = R.answer_masks(samples, token_logp.shape[1])
+    with torch.no_grad():
+        from_generate = R.lambda_log_pi(token_logp, thought_mask, action_mask, 0.5)
+        value_generate = vh(hidden)[:, 0]
+        log_pi, value, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.7, 0.5)
+    assert torch.allclose(from_generate, log_pi, atol=1e-3, rtol=1e-5)
+    assert torch.allclose(value_generate, value, atol=1e-5)
+    assert (from_generate < 0).all()
 
 
 def _naive_gae(rewards, values, terminated, truncated, final_values, last_values, gamma, lam):
