@@ -4,8 +4,11 @@
 
 The random policy is the floor of the results table (a uniformly random legal action every step);
 the expert (envs.py's expert_action: exact solver, DP-optimal Blackjack) is the ceiling.
+For Blackjack it also prints the policies "hit below N, whatever the dealer shows": their exact win
+rates (infinite deck) show how much of the ceiling needs the dealer's card.
 """
 import argparse
+import functools
 import os
 import random
 import sys
@@ -16,13 +19,33 @@ import envs  # noqa: E402
 EVAL_SEED = 1_000_000  # rl4vlm.EVAL_SEED: episode j of an evaluation is reset(seed=EVAL_SEED + j)
 
 
+def hit_below(n):
+    """Blackjack: "hit" while the player's total is below n, whatever the dealer's card."""
+    return lambda env: env.action_names.index("hit" if env._info()["player_total"] < n else "stand")
+
+
+def exact_win_rate(n):
+    """Exact win rate of hit_below(n) on the infinite deck, summed over every deal."""
+    @functools.lru_cache(maxsize=None)
+    def win(hard, ace, up):  # probability of winning from a player's hand, dealer up-card value `up`
+        total = envs._best(hard, ace)
+        if total >= n:  # stand: win when the dealer ends lower or busts (final total 0)
+            return sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
+        return sum(p * win(hard + v, ace or v == 1, up) for v, p in envs.DRAW if hard + v <= 21)
+    return sum(pu * pa * pb * win(a + b, 1 in (a, b), up)
+               for up, pu in envs.DRAW for a, pa in envs.DRAW for b, pb in envs.DRAW)
+
+
 def success_rate(task, policy, episodes):
     env, rng, wins = envs.make(task, image_size=56), random.Random(0), 0
     for j in range(episodes):
         env.reset(seed=EVAL_SEED + j)
         total, done = 0.0, False
         while not done:
-            a = env.expert_action() if policy == "expert" else rng.randrange(len(env.action_names))
+            if callable(policy):
+                a = policy(env)
+            else:
+                a = env.expert_action() if policy == "expert" else rng.randrange(len(env.action_names))
             _, r, terminated, truncated, _ = env.step(a)
             total, done = total + r, terminated or truncated
         wins += total > 0
@@ -38,3 +61,7 @@ if __name__ == "__main__":
     for policy in ("random", "expert"):
         rates = [success_rate(t, policy, args.episodes) for t in envs.TASKS]
         print(f"{policy:8s} " + " ".join(f"{100 * r:9.1f}%" for r in rates))
+    print("\nBlackjack, hit below N whatever the dealer shows: exact win rate, and on the evaluation seeds")
+    for n in range(12, 18):
+        print(f"hit below {n}: {100 * exact_win_rate(n):.1f}% exact, "
+              f"{100 * success_rate('blackjack', hit_below(n), args.episodes):.1f}% on the evaluation seeds")
