@@ -126,14 +126,14 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
-                   help="SFT steps before RL (default: 1000 for the tiny model, 0 with --load or --model PATH)")
+                   help="SFT steps before RL (default: 1500 for the tiny model, 0 with --load or --model PATH)")
     g.add_argument("--sft-batch-size", type=positive_int, default=32, help="demonstrations per SFT step")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=0.0,
                    help="share of demonstration actions taken from the expert; the rest are uniformly random")
 
     g = p.add_argument_group("PPO")
-    g.add_argument("--num-updates", type=nonneg_int, default=70, help="PPO updates (rollout + optimisation)")
+    g.add_argument("--num-updates", type=nonneg_int, default=50, help="PPO updates (rollout + optimisation)")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
     g.add_argument("--lr", type=positive_float, default=1e-4,
                    help="Adam learning rate, cosine-decayed over the run (logits are divided by T = 0.2, "
@@ -168,7 +168,7 @@ def parse_args(argv=None):
     args.save_dir = args.save_dir or os.path.join(
         "runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
     if args.sft_steps is None:
-        args.sft_steps = 1000 if (args.model == "tiny" and args.load is None) else 0
+        args.sft_steps = 1500 if (args.model == "tiny" and args.load is None) else 0
     return args
 
 
