@@ -21,7 +21,7 @@ EVAL_SEED = 1_000_000  # rl4vlm.EVAL_SEED: episode j of an evaluation is reset(s
 
 def hit_below(n):
     """Blackjack: "hit" while the player's total is below n, whatever the dealer's card."""
-    return lambda env: env.action_names.index("hit" if env._info()["player_total"] < n else "stand")
+    return lambda env, info: env.action_names.index("hit" if info["player_total"] < n else "stand")
 
 
 def exact_win_rate(n):
@@ -39,14 +39,14 @@ def exact_win_rate(n):
 def success_rate(task, policy, episodes):
     env, rng, wins = envs.make(task, image_size=56), random.Random(0), 0
     for j in range(episodes):
-        env.reset(seed=EVAL_SEED + j)
+        _, info = env.reset(seed=EVAL_SEED + j)
         total, done = 0.0, False
         while not done:
-            if callable(policy):
-                a = policy(env)
+            if callable(policy):  # policy(env, info) -> action index
+                a = policy(env, info)
             else:
                 a = env.expert_action() if policy == "expert" else rng.randrange(len(env.action_names))
-            _, r, terminated, truncated, _ = env.step(a)
+            _, r, terminated, truncated, info = env.step(a)
             total, done = total + r, terminated or truncated
         wins += total > 0
     return wins / episodes
