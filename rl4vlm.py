@@ -464,21 +464,24 @@ def generation_config(model, processor, args):
 
 
 @torch.no_grad()
-def generate(model, inputs, gen_config):
+def generate(model, inputs, gen_config, for_ppo=True):
     """-> one 1-D tensor of response ids per row, cut after its first EOS; the log-prob of every sampled
     token under softmax(logits / T), (B, R); and the last-layer hidden state at the last prompt token, (B, H).
 
     The last two are what a rollout stores for PPO (old log pi, V(s)), read off generate's own forward
     passes rather than a second one; they agree with score() to float rounding (a test checks).
-    (For a 7B model the prefill's hidden states of all layers cost about 1.5 GB at 8 prompts.)
+    Evaluation needs only the text (for_ppo=False: both None), so it does not keep the logits and the
+    hidden states of every layer (for a 7B model about 1.5 GB at 8 prompts).
     """
-    out = model.generate(**inputs, generation_config=gen_config, return_dict_in_generate=True,
-                         output_logits=True, output_hidden_states=True)
+    extra = {"output_logits": True, "output_hidden_states": True} if for_ppo else {}
+    out = model.generate(**inputs, generation_config=gen_config, return_dict_in_generate=True, **extra)
     new = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
-    logits = torch.stack(out.logits, 1).float() / gen_config.temperature  # (B, R, V), raw logits / T
-    logits[..., model.config.image_token_id] = -1e9  # suppressed in sampling, masked so in scoring too
-    token_logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0].cpu()  # (B, R)
-    hidden = out.hidden_states[0][-1][:, -1]  # the prefill pass, last layer, last (left-padded) prompt token
+    token_logp = hidden = None
+    if for_ppo:
+        logits = torch.stack(out.logits, 1).float() / gen_config.temperature  # (B, R, V), raw logits / T
+        logits[..., model.config.image_token_id] = -1e9  # suppressed in sampling, masked so in scoring too
+        token_logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0].cpu()  # (B, R)
+        hidden = out.hidden_states[0][-1][:, -1]  # the prefill pass, last layer, last (left-padded) prompt token
     responses = []
     for row in new.cpu():
         eos = (row == gen_config.eos_token_id).nonzero()
@@ -802,7 +805,8 @@ def evaluate(model, processor, args, device, episodes):
     while active:
         prompts = pool.prompts(not args.no_cot)
         inputs = process(processor, [prompts[i] for i in active], [pool.obs[i] for i in active], device)
-        texts = processor.tokenizer.batch_decode(generate(model, inputs, gen_config)[0], skip_special_tokens=True)
+        responses = generate(model, inputs, gen_config, for_ppo=False)[0]
+        texts = processor.tokenizer.batch_decode(responses, skip_special_tokens=True)
         actions, bad = choose_actions(texts, pool.action_names, rng)
         invalid, answers = invalid + sum(bad), answers + len(bad)
         still = []
