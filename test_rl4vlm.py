@@ -295,6 +295,21 @@ def test_blackjack_threshold_baselines_match_play():
         assert exact < 43.16  # the best win rate any policy can reach on the infinite deck
 
 
+def test_reading_probe_scores_state_fields():
+    """tools/reading.py's field accuracy: a demonstration's answer reads everything right, a swapped or
+    broken answer does not; the constant guess scores the commonest value's share."""
+    rd = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py"))
+    env = envs.make("points24")
+    infos = [env.reset(options={"cards": c})[1] for c in (["10", "3", "8", "A"], ["K", "2", "10", "5"])]
+    right = [R.format_response("points24", i, "=") for i in infos]
+    assert rd["field_accuracy"]("points24", right, infos) == {"cards": (1.0, 1.0), "formula": (1.0, None)}
+    swapped = right[0].replace("[10, 3, 8, 1]", "[3, 10, 8, 1]")
+    acc = rd["field_accuracy"]("points24", [swapped, "not json"], infos)
+    assert acc == {"cards": (0.0, 0.25), "formula": (0.5, None)}  # 2 of 8 cards right, one formula
+    guess = rd["constant_guess"]("points24", infos)
+    assert guess["cards"] == (0.5, 3 / 8) and guess["formula"] == (1.0, None)  # 10 is 3 of the 8 cards
+
+
 # --- rl4vlm.py: prompts and action parsing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -768,6 +783,11 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["start"]["episodes"] == 2 and "final" not in again  # evaluated once
     assert not (tmp_path / "again" / "model").exists()  # nothing trained, nothing saved
+    # tools/reading.py reads the saved model's state fields
+    r3 = subprocess.run([sys.executable, os.path.join(HERE, "tools", "reading.py"), str(out / "model"), "--states", "3"],
+                        capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r3.returncode == 0, r3.stderr[-2000:]
+    assert "3 start states" in r3.stdout and "cards: exact" in r3.stdout and "formula: exact" in r3.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

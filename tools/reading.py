@@ -1,0 +1,89 @@
+"""Does a saved model read the image? Its answer's state fields against the true state.
+
+    python tools/reading.py runs/p24-sft3k/model --states 96
+
+For each of N start states (seeds that neither SFT, RL nor evaluation uses) the model answers once,
+sampling at the run's temperature. The fields it writes before its thoughts ("current number",
+"cards", "dealer card", ...: rl4vlm.cot_fields) are compared with the env's true values: how often
+each field is exactly right and, for lists such as the cards, how often each element is right.
+Next to them: what always writing the commonest true value would score, the accuracy of a model
+that ignores the image. It reads the CoT fields only, so it needs a model trained with CoT.
+"""
+import argparse
+import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROBE_SEED = 3_000_000  # not a training seed (seed * 100_000 + ...) nor an evaluation seed (1,000,000 + j)
+
+
+def field_accuracy(task, answers, infos):
+    """answers: the model's texts; infos: the envs' info dicts. -> {field: (exact, per element or None)}.
+    An answer that is not JSON, or lacks the field, counts as wrong."""
+    import rl4vlm
+    right, elements, total = collections.Counter(), collections.Counter(), collections.Counter()
+    for text, info in zip(answers, infos):
+        objs = rl4vlm._json_objects(text)
+        said = objs[0] if objs else {}
+        for field, true in rl4vlm.cot_fields(task, info).items():
+            value = said.get(field)
+            right[field] += value == true
+            if isinstance(true, list):
+                got = value if isinstance(value, list) else []
+                elements[field] += sum(a == b for a, b in zip(got, true))
+                total[field] += len(true)
+    n = max(len(infos), 1)
+    return {f: (right[f] / n, elements[f] / total[f] if total[f] else None) for f in right}
+
+
+def constant_guess(task, infos):
+    """The same measures for a reader that always writes the commonest true value (element-wise for lists)."""
+    import rl4vlm
+    fields = [rl4vlm.cot_fields(task, info) for info in infos]
+    out = {}
+    for f, first in fields[0].items():
+        values = [fs[f] for fs in fields]
+        exact = collections.Counter(map(repr, values)).most_common(1)[0][1] / len(values)
+        per = None
+        if isinstance(first, list):
+            flat = [x for v in values for x in v]
+            per = collections.Counter(flat).most_common(1)[0][1] / len(flat)
+        out[f] = (exact, per)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a model folder written by rl4vlm.py (RUN/model)")
+    p.add_argument("--states", type=int, default=96, help="start states to read")
+    p.add_argument("--batch", type=int, default=16, help="states per generate call")
+    args = p.parse_args()
+    import rl4vlm
+    import torch
+    try:
+        model, processor, _, meta = rl4vlm.load_checkpoint(args.model, "cpu", torch.float32)
+    except rl4vlm.LoadError as e:
+        sys.exit(f"reading.py: error: {e}")
+    task = meta["task"]
+    if not meta.get("cot", True):
+        sys.exit("reading.py: error: this model answers without thoughts (--no-cot): it writes no state fields")
+    run_args = rl4vlm.parse_args(["--task", task, "--load", args.model])
+    gen_config = rl4vlm.generation_config(model, processor, run_args)
+    model.eval()
+    torch.manual_seed(0)
+    pool = rl4vlm.EnvPool(task, args.states, seed=PROBE_SEED)
+    answers = []
+    for i in range(0, args.states, args.batch):
+        rows = range(i, min(i + args.batch, args.states))
+        inputs = rl4vlm.process(processor, [pool.prompts(True)[j] for j in rows], [pool.obs[j] for j in rows], "cpu")
+        answers += processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
+                                                    skip_special_tokens=True)
+    model_acc, guess_acc = field_accuracy(task, answers, pool.infos), constant_guess(task, pool.infos)
+    print(f"{args.model} ({task}), {args.states} start states: share right (model vs always the commonest value)")
+    for f, (exact, per) in model_acc.items():
+        line = f"  {f}: exact {100 * exact:.1f}% vs {100 * guess_acc[f][0]:.1f}%"
+        if per is not None:
+            line += f"; per element {100 * per:.1f}% vs {100 * guess_acc[f][1]:.1f}%"
+        print(line)
