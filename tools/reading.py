@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PROBE_SEED = 3_000_000  # not a training seed (seed * 100_000 + ...) nor an evaluation seed (1,000,000 + j)
+PROBE_SEED = 3_000_000  # training uses seed * 100_000 + i (so --seed below 30), evaluation 1,000,000 + j
 
 
 def field_accuracy(task, answers, infos):
@@ -60,6 +60,10 @@ if __name__ == "__main__":
     p.add_argument("--states", type=int, default=96, help="start states to read")
     p.add_argument("--batch", type=int, default=16, help="states per generate call")
     args = p.parse_args()
+    if args.states < 1 or args.batch < 1:
+        p.error("--states and --batch must be positive")
+    if not os.path.isdir(args.model):
+        sys.exit(f"reading.py: error: model folder not found: {args.model}")
     import rl4vlm
     import torch
     try:
@@ -74,10 +78,10 @@ if __name__ == "__main__":
     model.eval()
     torch.manual_seed(0)
     pool = rl4vlm.EnvPool(task, args.states, seed=PROBE_SEED)
-    answers = []
+    prompts, answers = pool.prompts(True), []
     for i in range(0, args.states, args.batch):
         rows = range(i, min(i + args.batch, args.states))
-        inputs = rl4vlm.process(processor, [pool.prompts(True)[j] for j in rows], [pool.obs[j] for j in rows], "cpu")
+        inputs = rl4vlm.process(processor, [prompts[j] for j in rows], [pool.obs[j] for j in rows], "cpu")
         answers += processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
                                                     skip_special_tokens=True)
     model_acc, guess_acc = field_accuracy(task, answers, pool.infos), constant_guess(task, pool.infos)
