@@ -411,6 +411,41 @@ def _samples(model, processor, n=4, seed=0, task="ezpoints", max_new_tokens=12):
     return [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(n)]
 
 
+def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
+    """process() keeps each (prompt, image) pair's row: batches of new, seen and repeated pairs, with and
+    without CoT, give exactly what one processor call with padding=True gives, also when the store
+    is full and starts again in the middle of a batch."""
+    from PIL import Image
+    _, processor = tiny
+
+    def check(prompts, images):
+        want = processor(text=R.chat_texts(processor, prompts), images=[Image.fromarray(im) for im in images],
+                         padding=True, return_tensors="pt")
+        got = R.process(processor, prompts, images, "cpu")
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+    R.PROCESSED.pop(processor, None)
+    rng, seen = random.Random(0), set()
+    pools = [R.EnvPool("ezpoints", 6, seed=4), R.EnvPool("numberline", 6, seed=4)]
+    for step in range(4):
+        for pool in pools:
+            prompts = pool.prompts(step % 2 == 0) + pool.prompts(True)[:2]  # two pairs twice at even steps
+            check(prompts, pool.obs + pool.obs[:2])
+            seen |= {(p, im.tobytes()) for p, im in zip(prompts, pool.obs + pool.obs[:2])}
+            pool.step([rng.randrange(len(pool.action_names)) for _ in pool.envs])
+    assert len(R.PROCESSED[processor]) == len(seen) < 4 * 2 * 8  # one row per distinct pair
+
+    monkeypatch.setattr(R, "PROCESSED_MAX", 8)
+    pool = R.EnvPool("points24", 10, seed=4)  # ten different deals
+    prompts = pool.prompts(True)
+    R.PROCESSED.pop(processor)
+    check(prompts[:6], pool.obs[:6])
+    check(prompts[:2] + prompts[6:], pool.obs[:2] + pool.obs[6:])  # 2 kept + 4 new > 8: starts again
+    assert len(R.PROCESSED[processor]) == 6
+
+
 def test_action_start_splits_at_the_action_key(tiny):
     _, processor = tiny
     tok = processor.tokenizer
