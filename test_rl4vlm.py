@@ -432,8 +432,9 @@ def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
     for step in range(4):
         for pool in pools:
             prompts = pool.prompts(step % 2 == 0) + pool.prompts(True)[:2]  # two pairs twice at even steps
-            check(prompts, pool.obs + pool.obs[:2])
-            seen |= {(p, im.tobytes()) for p, im in zip(prompts, pool.obs + pool.obs[:2])}
+            images = pool.obs + pool.obs[:2]
+            check(prompts, images)
+            seen |= {(p, im.tobytes()) for p, im in zip(prompts, images)}
             pool.step([rng.randrange(len(pool.action_names)) for _ in pool.envs])
     assert len(R.PROCESSED[processor]) == len(seen) < 4 * 2 * 8  # one row per distinct pair
 

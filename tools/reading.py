@@ -3,11 +3,12 @@
     python tools/reading.py runs/p24-sft3k/model --states 96
 
 For each of N start states (seeds that neither SFT, RL nor evaluation uses) the model answers once,
-sampling at rl4vlm.py's default temperature (0.2; a saved model does not record the run's flags). The fields it writes before its thoughts ("current number",
-"cards", "dealer card", ...: rl4vlm.cot_fields) are compared with the env's true values: how often
-each field is exactly right and, for lists such as the cards, how often each element is right.
-Next to them: what always writing the commonest true value would score, the accuracy of a model
-that ignores the image. It reads the CoT fields only, so it needs a model trained with CoT.
+sampling at rl4vlm.py's default temperature (0.2; a saved model does not record the run's flags).
+The fields it writes before its thoughts ("current number", "cards", "dealer card", ...:
+rl4vlm.cot_fields) are compared with the env's true values: how often each field is exactly right
+and, for lists such as the cards, how often each element is right. Next to them: what always
+writing the commonest true value would score, the accuracy of a model that ignores the image. It
+reads the CoT fields only, so it needs a model trained with CoT.
 """
 import argparse
 import collections
