@@ -13,34 +13,74 @@ The file runs top to bottom in the order the method does: arguments, prompts, ac
 model, generation, scoring, supervised warm start (SFT), rollouts, GAE, the PPO update, evaluation,
 saving, and the main loop.
 
-How this file departs from the paper (on purpose):
+Departures from the paper and from the official code (github.com/RL4VLM/RL4VLM, `VLM_PPO/` and
+its run scripts), each on purpose; envs.py lists the environments' own. README.md has them as a table.
+The model and its warm start
 - `--model tiny` (the default) builds a small LLaVA-architecture VLM from configs, with a tokenizer
   trained on the task texts, so the whole method runs on a laptop CPU with nothing downloaded. It
   starts from random weights, so it is fully fine-tuned (no LoRA) and its SFT warm start is made on
-  the fly from the environments' scripted experts instead of a fixed data set.
+  the fly from the environments' scripted experts instead of the paper's fixed data set.
 - The SFT demonstrations' actions come from the expert only with probability --sft-expert-prob and
   are uniformly random otherwise, while their thoughts always describe the true state and how its
   numbers relate ("the target 5 is larger", "2 * 6 makes 12") without naming the next action: SFT
   teaches reading the image, relating and the answer format; RL has the deciding left to learn.
-- Learning rate, rollout size and PPO epochs suit the tiny model (the paper used 7B LLaVA, LoRA,
-  lr 1e-5, 512-step rollouts on 8 A100s). gamma, gae_lambda, clip_coef, temperature and thought_coef
-  are the paper's. An update stops early once its approximate KL passes --target-kl (CleanRL's
-  target_kl, not in the paper): it keeps KL spikes from breaking the answer format.
-- The PPO loss adds --kl-coef times KL(pi || pi_SFT), the exact KL to the SFT policy at every answer
-  token, averaged over the answer (the usual RLHF term, not in the paper). Without it the tiny model's
-  JSON broke within 10-20 updates in every setting we tried (the "action" value turned into thought
-  text, which parses as no action); a 7B model's format is far sturdier than a 0.6M one's.
-- A step whose answer names no legal action is played with a uniformly random legal action (as in
-  the paper) and counted in the `invalid` rate.
+- RL leaves the vision tower as SFT left it (full fine-tuning trains the projector and the language
+  model; --lora puts LoRA on the language model's projections only). The official scripts pass
+  `--train-vision all`, which puts LoRA on every linear layer, CLIP's and the projector's too: here
+  rewards must not wear away the tiny model's reading. LoRA has no dropout (official 0.05: PPO's
+  first ratio must be exactly 1, and dropout makes every forward different); r 128 and alpha 256
+  are the official's.
+Prompts, answers and log pi
+- The prompts are reworded: each lists the legal actions and asks for one JSON object whose
+  chain-of-thought fields read the image before "thoughts" and "action" (official: NumberLine
+  "current number", "target number"; the card games "cards", "current formula"). For Blackjack we
+  add "dealer card", "my cards", "my total" (official: "thoughts" and "action" alone), so SFT can
+  teach the reading and tools/reading.py can check it.
+- Parsing: JSON first, then the values after an action key must name exactly one legal action.
+  The official code lower-cases the answer, keeps what follows the first `"action":` (only the last
+  character when there is none) and plays an action when exactly one action name occurs in it as a
+  substring ("10" handled first in the card games). Both play a uniformly random legal action for
+  none or several (counted in our `invalid` rate); they differ on malformed answers only.
+- log pi sums every answer token in fp32. The official code leaves out the first two answer tokens
+  ("its log prob is very very small"), casts the log-probs to bf16, and with no `"action":` key counts
+  the last four tokens as the action (ours: all thoughts, since no token chose the random action).
+  At most 96 new tokens (official 256): our answers are under 70 tokens and a broken one stops sooner.
+PPO
+- Learning rate 1e-4, cosine-decayed to 0 over --num-updates; 8 envs x 16 steps = 128 samples per
+  update, 2 epochs, minibatches of 32: a CPU budget for the tiny model. Official: LoRA lr 1e-5 with
+  CosineAnnealingLR(T_max=25, down to 1e-9) stepped once per update, over 29 updates (NumberLine and
+  Blackjack: 15,000 steps / 512) or 14 (the formula games: 1,024-step rollouts), so its lr reaches
+  ~0 at update 25 and rises again; one env; 4 epochs of one-sample forwards with gradients
+  accumulated over 128; 2 GPUs per run (the paper's machine had 8 A100s).
+- Grad-norm clip 1.0 (official 0.01: with Adam a clip that bites at every step mostly rescales a
+  gradient that Adam normalises anyway); Adam eps 1e-5 (CleanRL's; official 1e-7); advantages are
+  normalised with std + 1e-8 (official 1e-5). The official update also uses the clipped term alone
+  when any ratio exceeds 10, and skips a minibatch whose log-probs are NaN; ours keeps PPO's min of
+  the two terms and stops with an error on a non-finite loss, saving nothing.
+- The loss adds --kl-coef times KL(pi || pi_SFT), the exact KL to the policy as RL starts at every
+  answer token, averaged over the answer (the usual RLHF term, in neither the paper nor the
+  official code). Without it the tiny model's JSON broke within 10-20 updates in every setting we
+  tried (the "action" value turned into thought text, which parses as no action); a 7B model's
+  format is far sturdier than a 0.6M one's. An update also stops early once its approximate KL
+  passes --target-kl (CleanRL's target_kl): it keeps KL spikes from breaking the format.
+- GAE bootstraps through a time limit (NumberLine's 10 steps) from V of the last observation; the
+  official runs treat every episode end as terminal (use_proper_time_limits is off). gamma 0.9,
+  gae_lambda 0.95, clip_coef 0.1 (ratio and value), vf_coef 0.5, temperature 0.2 and
+  thought_coef 0.5 are the paper's and the official's.
+Measuring
+- Success is measured on fixed evaluation episodes that training never plays (episode_seed). The
+  official code reports the success rate of the last N training episodes (N = 200; 1,000 for
+  Blackjack); a run prints that too, over its last --eval-episodes training episodes.
 
 Run:
     python rl4vlm.py --task numberline                   # SFT warm start + PPO, tiny model, CPU
     python rl4vlm.py --task blackjack --no-cot           # the paper's CoT ablation
-    python rl4vlm.py --model llava-hf/llava-1.5-7b-hf --lora --sft-steps 0   # a real checkpoint, GPU
+    python rl4vlm.py --model llava-hf/llava-v1.6-mistral-7b-hf --lora --sft-steps 0   # the paper's backbone, GPU
     python rl4vlm.py --load runs/numberline-s1/model --num-updates 0 --eval-episodes 500
 """
 
 import argparse
+import collections
 import copy
 import hashlib
 import json
@@ -107,7 +147,8 @@ def parse_args(argv=None):
     g.add_argument("--task", default="numberline", choices=TASK_NAMES, help="which gym_cards task")
     g.add_argument("--num-envs", type=positive_int, default=8,
                    help="parallel environments; one batched generate call serves them all")
-    g.add_argument("--seed", type=int, default=1, help="seeds torch, python and the environments")
+    g.add_argument("--seed", type=nonneg_int, default=1,
+                   help="seeds torch, python and the training episodes (never the evaluation's)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
@@ -167,6 +208,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
+    if args.lora and args.model == "tiny" and args.load is None:
+        p.error("--lora needs a base model saved on disk, and the tiny model is random and saved nowhere, so "
+                "its adapter could not be loaded: train it first (--num-updates 0 --save-dir runs/tiny-sft), "
+                "then pass --model runs/tiny-sft/model --lora")
     args.save_dir = args.save_dir or os.path.join(
         "runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
     if args.sft_steps is None:
@@ -296,15 +341,20 @@ def _json_objects(text):
     return []
 
 
-_ACTION_VALUE = re.compile(r"""["']?action["']?\s*:\s*("[^"]*"|'[^']*'|[^,}\n]*)""", re.IGNORECASE)
+# The action key, the one definition that parsing (which value is the action) and scoring (where the
+# action tokens start, action_start) share: "action", 'action' or a bare action, any case, then ":".
+ACTION_KEY = r"""(?:["']\s*)?\baction\b\s*["']?\s*:"""
+_ACTION_VALUE = re.compile(ACTION_KEY + r"""\s*("[^"]*"|'[^']*'|[^,}\n]*)""", re.IGNORECASE)
 
 
 def parse_action(text, action_names):
     """Index of the legal action the answer chooses, or None (no action, or more than one).
 
     JSON first (code fences, text around the object, single quotes, trailing commas and numbers for
-    strings are fine); then the paper's rule: the values written after `"action":` name exactly one
-    legal action. Never raises.
+    strings are fine; a key is the action key when it reads "action" in any case); then, for text
+    that is not JSON, the values written after an ACTION_KEY must name exactly one legal action.
+    (The official code instead lower-cases the text and looks for action names as substrings of
+    everything after the first `"action":`; see the docstring's list of differences.) Never raises.
     """
     if not isinstance(text, str):
         return None
@@ -342,7 +392,7 @@ def tokenizer_corpus(n_states=64):
     for task in TASK_NAMES:
         env = envs.make(task)
         for s in range(n_states):
-            _, info = env.reset(seed=10_000 + s)
+            _, info = env.reset(seed=episode_seed("tokenizer", s))
             for _ in range(3):
                 a = env.expert_action() if s % 2 else int(env.np_random.integers(len(env.action_names)))
                 for cot in (True, False):
@@ -399,8 +449,10 @@ def build_tiny_vlm(size="mini", vocab_size=1024):
 
 
 def make_value_head(hidden_size):
-    """The paper's value head: an MLP on the VLM's last-layer hidden state at the last prompt token."""
-    return torch.nn.Sequential(torch.nn.Linear(hidden_size, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1))
+    """The value head (paper Sec. 4.2: an MLP; its widths are the official code's, hidden -> 1024 -> 512
+    -> 1) on the VLM's last-layer hidden state at the last prompt token."""
+    return torch.nn.Sequential(torch.nn.Linear(hidden_size, 1024), torch.nn.ReLU(),
+                               torch.nn.Linear(1024, 512), torch.nn.ReLU(), torch.nn.Linear(512, 1))
 
 
 def text_hidden_size(model):
@@ -410,6 +462,12 @@ def text_hidden_size(model):
 
 class LoadError(Exception):
     """A model folder that is missing, incomplete or corrupt: reported in one line."""
+
+
+def model_dtype(base_model, device):
+    """bf16 for a real checkpoint on a GPU (as the paper trains), fp32 for the tiny model and on a CPU.
+    base_model is --model, or for --load the model the checkpoint was trained from (rl4vlm.json)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" and base_model != "tiny" else torch.float32
 
 
 def load_vlm(path, device, dtype):
@@ -526,11 +584,12 @@ def generate(model, inputs, gen_config, for_ppo=True):
 # Scoring: the lambda-scaled log-prob of an answer and the state value, in one forward pass.
 
 def action_start(tokenizer, response_ids):
-    """Index of the first action token: the one holding the opening quote of the last `"action":` key.
+    """Index of the first action token: the one holding the start of the last ACTION_KEY (`"action":`,
+    in any of the spellings parse_action accepts).
 
     Character positions come from decoding prefixes of the generated ids, so any tokenizer works and
     the ids are the ones the model sampled (re-tokenizing the text could split it differently).
-    Without an `"action":` key the whole answer counts as thoughts: no token of it chose the action
+    Without an action key the whole answer counts as thoughts: no token of it chose the action
     (a random one was played), so none gets the action's full weight, and the thought_coef-scaled
     log-prob still lets the advantage push such answers up or down.
     """
@@ -540,7 +599,7 @@ def action_start(tokenizer, response_ids):
         return len(tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
     text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    keys = list(re.finditer(r'"action"\s*:', text))
+    keys = list(re.finditer(ACTION_KEY, text, re.IGNORECASE))
     if not keys:
         return len(ids)
     char = keys[-1].start()
@@ -611,14 +670,31 @@ def answer_logp(logprobs, batch, P):
     return logprobs.gather(-1, batch["input_ids"][:, P:, None])[..., 0]
 
 
+def make_reference(model):
+    """The SFT policy for --kl-coef: the policy as RL starts, frozen. A frozen copy of the model; for
+    LoRA, the model itself with a second adapter, "reference", holding a copy of the SFT-trained one
+    (the base is shared, so a 7B model is not held twice). Not the adapters switched off: that would
+    be the model before SFT."""
+    if not hasattr(model, "peft_config"):
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    import peft
+    model.add_adapter("reference", model.peft_config["default"])  # added frozen; "default" stays active
+    peft.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(model, adapter_name="default"),
+                                   adapter_name="reference")
+    return model
+
+
 @torch.no_grad()
 def reference_logprobs(model, ref_model, batch, P, R, temperature):
-    """The SFT policy's log-probs (B, R, V): ref_model is a frozen copy of it, or, for LoRA, the model
-    itself, whose adapters are then switched off."""
-    if ref_model is model:
-        with model.disable_adapter():
-            return token_logprobs(model, batch, P, R, temperature)[0]
-    return token_logprobs(ref_model, batch, P, R, temperature)[0]
+    """The SFT policy's log-probs (B, R, V) from make_reference's frozen copy, or for LoRA from the
+    model with its "reference" adapter in place of the trained one."""
+    if ref_model is not model:
+        return token_logprobs(ref_model, batch, P, R, temperature)[0]
+    model.set_adapter("reference")
+    try:
+        return token_logprobs(model, batch, P, R, temperature)[0]
+    finally:
+        model.set_adapter("default")  # also makes "default" the trainable adapter again
 
 
 def lambda_log_pi(logp, thought_mask, action_mask, thought_coef):
@@ -655,17 +731,32 @@ def state_values(model, value_head, processor, args, device, action_names, state
 # ----------------------------------------------------------------------------------------------
 # Environments in parallel, each with its own image, prompt and answer per step.
 
-class EnvPool:
-    """N environments stepped together; a finished episode resets in place with its env's own RNG."""
+# Each use of episodes has its own range of env seeds, so that no training episode is ever an
+# evaluation episode, whatever --seed is.
+SEED_USES = ("evaluation", "probe", "tokenizer", "sft", "rollout")
 
-    def __init__(self, task, n, seed):
+
+def episode_seed(use, i, run_seed=0):
+    """The env seed of episode (or env) i of a use, ((run_seed * 5 + use) << 32) + i: for 0 <= i < 2**32
+    and run_seed >= 0, two different (use, run_seed, i) never share a seed. Evaluation and the reading
+    probe keep run_seed 0, so every run is evaluated on the same episodes."""
+    if not (0 <= i < 2**32 and run_seed >= 0):
+        raise ValueError(f"episode_seed needs 0 <= i < 2**32 and run_seed >= 0, got {i}, {run_seed}")
+    return ((run_seed * len(SEED_USES) + SEED_USES.index(use)) << 32) + i
+
+
+class EnvPool:
+    """Environments stepped together, env i first reset with seeds[i]; a finished episode resets in
+    place with its env's own RNG."""
+
+    def __init__(self, task, seeds):
         self.task = task
-        self.envs = [envs.make(task) for _ in range(n)]
+        self.envs = [envs.make(task) for _ in seeds]
         self.action_names = self.envs[0].action_names
-        first = [env.reset(seed=seed + i) for i, env in enumerate(self.envs)]
+        first = [env.reset(seed=seed) for seed, env in zip(seeds, self.envs)]
         self.obs = [o for o, _ in first]
         self.infos = [i for _, i in first]
-        self.returns = [0.0] * n
+        self.returns = [0.0] * len(seeds)
 
     def prompts(self, cot):
         return [build_prompt(self.task, self.action_names, info, cot) for info in self.infos]
@@ -707,7 +798,7 @@ def sft(model, processor, args, device, log):
     expert's with probability --sft-expert-prob, otherwise uniformly random (see the docstring)."""
     rng = random.Random(args.seed + 1)
     tok = processor.tokenizer
-    pool = EnvPool(args.task, args.sft_batch_size, seed=args.seed * 100_000 + 50_000)
+    pool = EnvPool(args.task, [episode_seed("sft", i, args.seed) for i in range(args.sft_batch_size)])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0)
     model.train()
@@ -821,18 +912,23 @@ def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, ad
 # ----------------------------------------------------------------------------------------------
 # Evaluation on fixed seeds (never used for training or tuning).
 
-EVAL_SEED = 1_000_000
-
-
 @torch.no_grad()
 def evaluate(model, processor, args, device, episodes):
-    """Success rate (return > 0, the paper's metric), mean return and invalid-answer rate."""
+    """Success rate (return > 0, the paper's metric), mean return and invalid-answer rate.
+
+    Its sampling noise comes from a forked torch RNG: the same for every evaluation of a run, and the
+    training's random stream is left exactly where it was (evaluating or not changes no training)."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        return _evaluate(model, processor, args, device, episodes)
+
+
+def _evaluate(model, processor, args, device, episodes):
     model.eval()
-    torch.manual_seed(args.seed)  # the same sampling noise for every evaluation of a run
     rng = random.Random(args.seed)
     gen_config = generation_config(model, processor, args)
     n = min(args.num_envs, episodes)
-    pool = EnvPool(args.task, n, seed=EVAL_SEED)  # env i plays episode i first, then n, n + 1, ...
+    pool = EnvPool(args.task, [episode_seed("evaluation", j) for j in range(n)])  # then n, n + 1, ...
     next_episode, active = n, list(range(n))
     returns, invalid, answers = [], 0, 0
     while active:
@@ -852,7 +948,7 @@ def evaluate(model, processor, args, device, episodes):
                 pool.returns[i] = 0.0
                 if next_episode >= episodes:
                     continue
-                obs, info = env.reset(seed=EVAL_SEED + next_episode)
+                obs, info = env.reset(seed=episode_seed("evaluation", next_episode))
                 next_episode += 1
             pool.obs[i], pool.infos[i] = obs, info
             still.append(i)
@@ -870,10 +966,12 @@ def save(model, processor, value_head, path, meta):
     """meta: {"task", "cot", "base_model", ...}; whether the model is a LoRA adapter is read off it."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # a peft model saves its adapter only, loaded on top of base_model
+    lora = hasattr(model, "peft_config")
+    # a peft model saves its trained adapter only (not the KL reference's), loaded on top of base_model
+    model.save_pretrained(tmp, **({"selected_adapters": ["default"]} if lora else {}))
     processor.save_pretrained(tmp)
     torch.save(value_head.state_dict(), os.path.join(tmp, "value_head.pt"))
-    meta = {**meta, "lora": hasattr(model, "peft_config")}
+    meta = {**meta, "lora": lora}
     with open(os.path.join(tmp, "rl4vlm.json"), "w") as f:
         json.dump(meta, f, indent=1)
     if os.path.exists(path):
@@ -883,7 +981,7 @@ def save(model, processor, value_head, path, meta):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path, device, dtype):
+def load_checkpoint(path, device):
     """A folder written by save(): -> model, processor, value-head state dict, metadata."""
     meta_file = os.path.join(path, "rl4vlm.json")
     if not os.path.isdir(path):
@@ -896,6 +994,7 @@ def load_checkpoint(path, device, dtype):
         value_state = torch.load(os.path.join(path, "value_head.pt"), map_location="cpu", weights_only=True)
     except Exception as e:
         raise LoadError(f"corrupt checkpoint in {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    dtype = model_dtype(meta.get("base_model", "tiny"), device)
     if meta.get("lora") or os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter
         model, _ = load_vlm(meta["base_model"], device, dtype)
         import peft
@@ -923,10 +1022,9 @@ def main(args):
         tqdm.write(line)
 
     # --- model
-    dtype = torch.bfloat16 if device.type == "cuda" and args.model != "tiny" else torch.float32
     value_state, base_model = None, args.model  # base_model: what a LoRA adapter is loaded on top of
     if args.load:
-        model, processor, value_state, loaded = load_checkpoint(args.load, device, dtype)
+        model, processor, value_state, loaded = load_checkpoint(args.load, device)
         base_model = loaded.get("base_model")
         if loaded.get("task") != args.task or loaded.get("cot") == args.no_cot:
             log(f"note: {args.load} was trained on {loaded.get('task')} (cot={loaded.get('cot')})")
@@ -934,9 +1032,10 @@ def main(args):
         model, processor = build_tiny_vlm(args.tiny_size)
         model.to(device)
     else:
-        model, processor = load_vlm(args.model, device, dtype)
+        model, processor = load_vlm(args.model, device, model_dtype(args.model, device))
     if args.lora and not hasattr(model, "peft_config"):  # a loaded adapter is already LoRA
         model = add_lora(model, args.lora_rank)
+        base_model = args.load or base_model  # a loaded full checkpoint is the adapter's base
     value_head = make_value_head(text_hidden_size(model)).to(device)
     if value_state is not None:
         value_head.load_state_dict(value_state)
@@ -945,6 +1044,9 @@ def main(args):
         f"{'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
 
     env_steps, interrupted, results, t_rl = 0, False, {}, time.time()
+    # The official code's success metric: the last N training episodes' success rate (N = its
+    # --eval-num-per-episode, here --eval-episodes). Ours is the evaluation on fixed seeds; both are printed.
+    recent = collections.deque(maxlen=args.eval_episodes or 200)
     bar = tqdm(total=args.num_updates, desc="ppo", disable=not sys.stderr.isatty() or args.num_updates == 0)
     try:  # Ctrl-C anywhere in training: save what there is and exit
         # --- supervised warm start, then the starting point of RL
@@ -965,15 +1067,13 @@ def main(args):
             if "vision_tower" in name:
                 p.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-        ref_model = None  # the SFT policy for --kl-coef: a frozen copy, or a LoRA model itself (adapters off)
-        if args.kl_coef and args.num_updates:  # no copy for SFT-only or evaluation-only runs
-            lora = hasattr(model, "peft_config")
-            ref_model = model if lora else copy.deepcopy(model).eval().requires_grad_(False)
+        # the SFT policy for --kl-coef: the policy as RL starts (none for SFT-only or evaluation-only runs)
+        ref_model = make_reference(model) if args.kl_coef and args.num_updates else None
         optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
         gen_config = generation_config(model, processor, args)
         tok = processor.tokenizer
         rng = random.Random(args.seed)
-        pool = EnvPool(args.task, args.num_envs, seed=args.seed * 100_000)
+        pool = EnvPool(args.task, [episode_seed("rollout", i, args.seed) for i in range(args.num_envs)])
         fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
                   "approx_kl", "clip_frac", "ref_kl", "lr", "sps",
                   "t_prompt", "t_generate", "t_score", "t_env", "t_update"]
@@ -1054,6 +1154,7 @@ def main(args):
                 f"pg {stats['policy_loss']:.4f} v {stats['value_loss']:.4f} kl {stats['approx_kl']:.4f} "
                 f"ref_kl {stats['ref_kl']:.4f} clip {stats['clip_frac']:.2f} | lr {lr:.1e} | {sps:.1f} sps | {split}")
             log(sample_line)
+            recent.extend(finished)
             bar.update(1)
     except KeyboardInterrupt:
         interrupted = True
@@ -1065,6 +1166,8 @@ def main(args):
     trained = args.sft_steps > 0 or env_steps > 0
     if args.eval_episodes and args.num_updates and not interrupted:
         results["final"] = evaluate(model, processor, args, device, args.eval_episodes)
+    if recent:
+        results["recent_training"] = {"success": float(np.mean([x > 0 for x in recent])), "episodes": len(recent)}
     results["total_seconds"] = time.time() - t_start
     if trained:
         save(model, processor, value_head, os.path.join(args.save_dir, "model"),
@@ -1076,6 +1179,9 @@ def main(args):
         log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
             f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
             f"{results['total_seconds'] / 60:.1f} min in all")
+    if "recent_training" in results:  # the official code's metric, for comparison with its logs
+        log(f"success of the last {results['recent_training']['episodes']} training episodes (the official "
+            f"code's metric): {results['recent_training']['success']:.3f}")
     return 130 if interrupted else 0
 
 

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import re
 import runpy
 import subprocess
 import sys
@@ -295,6 +296,21 @@ def test_blackjack_threshold_baselines_match_play():
         assert exact < 43.16  # the best win rate any policy can reach on the infinite deck
 
 
+def test_episode_seeds_never_collide():
+    """Training (SFT, rollouts) never plays an evaluation or probe episode, for any --seed: each use and
+    run seed has its own range (--seed 10 used to give seed 10 * 100,000 + i = 1,000,000 + i)."""
+    seeds = [R.episode_seed(use, i, run_seed) for use in R.SEED_USES for run_seed in range(300)
+             for i in (0, 1, 7, 199, 1999, 100_000, 2**32 - 1)]
+    assert len(set(seeds)) == len(seeds) and min(seeds) >= 0
+    evaluation = {R.episode_seed("evaluation", j) for j in range(5000)}
+    for run_seed in range(300):
+        training = {R.episode_seed(use, i, run_seed) for use in ("sft", "rollout") for i in range(64)}
+        assert not training & evaluation
+    for bad in [(-1, 0), (0, -1), (2**32, 0)]:
+        with pytest.raises(ValueError):
+            R.episode_seed("sft", *bad)
+
+
 def test_reading_probe_scores_state_fields():
     """tools/reading.py's field accuracy: a demonstration's answer reads everything right, a swapped or
     broken answer does not; the constant guess scores the commonest value's share."""
@@ -400,7 +416,7 @@ def tiny():
 
 def _samples(model, processor, n=4, seed=0, task="ezpoints", max_new_tokens=12):
     """Real rollout samples: prompts of different lengths (formulas differ), sampled answers."""
-    pool = R.EnvPool(task, n, seed)
+    pool = R.EnvPool(task, range(seed, seed + n))
     for i, env in enumerate(pool.envs):  # different formula lengths -> different prompt lengths
         for _ in range(i):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
@@ -428,7 +444,7 @@ def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
 
     R.PROCESSED.pop(processor, None)
     rng, seen = random.Random(0), set()
-    pools = [R.EnvPool("ezpoints", 6, seed=4), R.EnvPool("numberline", 6, seed=4)]
+    pools = [R.EnvPool("ezpoints", range(4, 10)), R.EnvPool("numberline", range(4, 10))]
     for step in range(4):
         for pool in pools:
             prompts = pool.prompts(step % 2 == 0) + pool.prompts(True)[:2]  # two pairs twice at even steps
@@ -439,7 +455,7 @@ def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
     assert len(R.PROCESSED[processor]) == len(seen) < 4 * 2 * 8  # one row per distinct pair
 
     monkeypatch.setattr(R, "PROCESSED_MAX", 8)
-    pool = R.EnvPool("points24", 10, seed=4)  # ten different deals
+    pool = R.EnvPool("points24", range(4, 14))  # ten different deals
     prompts = pool.prompts(True)
     R.PROCESSED.pop(processor)
     check(prompts[:6], pool.obs[:6])
@@ -460,6 +476,21 @@ def test_action_start_splits_at_the_action_key(tiny):
     assert thought.endswith("2.\",") or thought.endswith("2.\", ")
     no_key = tok(' {"thoughts": "hmm"}', add_special_tokens=False).input_ids
     assert R.action_start(tok, no_key) == len(no_key)  # no key: all thoughts
+
+
+def test_parse_and_scoring_agree_on_the_action_key(tiny):
+    """Every spelling of the key that parse_action plays ('action', "Action", spaces) is where
+    action_start puts the first action token, so those answers' action tokens get the full weight."""
+    tok = tiny[1].tokenizer
+    for text in [' {"thoughts": "my reaction: go up", "action": "+"}', " {'thoughts': 'go up', 'action': '+'}",
+                 ' {"thoughts": "go up", "Action": "+"}', ' { "thoughts": "go up" , "ACTION" : "+" }',
+                 ' {"thoughts": "go up", action: "+"}']:
+        assert R.parse_action(text, ["-", "+"]) == 1, text
+        ids = tok(text, add_special_tokens=False).input_ids
+        k = R.action_start(tok, ids)
+        thought, action = tok.decode(ids[:k]), tok.decode(ids[k:])
+        assert thought + action == text and "+" in action and "+" not in thought, (text, k)
+        assert re.search(R.ACTION_KEY, action, re.IGNORECASE) and not re.search(R.ACTION_KEY, thought, re.IGNORECASE)
 
 
 def test_action_values_follow_a_quote_token_of_their_own(tiny):
@@ -524,7 +555,7 @@ def test_generate_and_scoring_see_the_same_context(tiny):
     """Greedy answers from a left-padded batch are the argmax of the scoring forward at every token."""
     model, processor = tiny
     model.eval()
-    pool = R.EnvPool("ezpoints", 3, 5)
+    pool = R.EnvPool("ezpoints", range(5, 8))
     for _ in range(2):
         pool.obs[2], _, _, _, pool.infos[2] = pool.envs[2].step(pool.envs[2].expert_action())
     inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
@@ -553,7 +584,7 @@ def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
     model, processor = tiny
     model.eval()
     vh = R.make_value_head(R.text_hidden_size(model))
-    pool = R.EnvPool("ezpoints", 4, 3)
+    pool = R.EnvPool("ezpoints", range(3, 7))
     for i, env in enumerate(pool.envs):  # different prompt lengths, so the batch is left-padded
         for _ in range(i):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
@@ -696,22 +727,44 @@ def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
         p.data.copy_(b)
 
 
-def test_lora_reference_is_the_model_with_adapters_off(tiny):
+def test_lora_kl_reference_is_the_policy_as_rl_starts(tiny, tmp_path):
+    """With LoRA the KL reference is the policy at the start of RL (SFT's adapters), not the model with
+    its adapters off (the model before SFT): KL 0 at the first minibatch, and RL does not move it."""
     pytest.importorskip("peft")
+    torch.manual_seed(0)
     model, processor = R.build_tiny_vlm("mini")
-    model.eval()
-    samples = _samples(model, processor, n=2, seed=3, task="numberline")
-    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    model = R.add_lora(model, rank=4)
     with torch.no_grad():
-        base, _ = R.token_logprobs(model, batch, P, Rn, 0.2)
-        wrapped = R.add_lora(model, rank=4)
-        for n, p in wrapped.named_parameters():
+        for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.add_(0.05 * torch.randn_like(p))  # adapters that change the output
-        adapted, _ = R.token_logprobs(wrapped, batch, P, Rn, 0.2)
-        ref = R.reference_logprobs(wrapped, wrapped, batch, P, Rn, 0.2)
-    assert not torch.allclose(adapted, base, atol=1e-3)
-    assert torch.allclose(ref, base, atol=1e-5)
+                p.add_(0.05 * torch.randn_like(p))  # what LoRA SFT does: adapters that change the output
+    model.eval()
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=4, seed=3, task="numberline")
+    pad = processor.tokenizer.pad_token_id
+    batch, P, Rn = R.collate(samples, pad, "cpu")
+    ref = R.make_reference(model)
+    with torch.no_grad():
+        ref_before = R.reference_logprobs(model, ref, batch, P, Rn, 0.2)
+        old_lp, old_v, kl = R.score(model, vh, batch, P, Rn, 0.2, 0.5, ref_before)
+        with model.disable_adapter():
+            before_sft = R.token_logprobs(model, batch, P, Rn, 0.2)[0]
+    assert kl.abs().max().item() < 1e-6  # the policy is its own reference when RL starts
+    assert not torch.allclose(before_sft, ref_before, atol=1e-3)  # adapters off is another policy
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("default" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.Adam(trainable + list(vh.parameters()), lr=1e-2)
+    args = R.parse_args(["--update-epochs", "2", "--minibatch-size", "4", "--target-kl", "1e6"])
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    R.ppo_update(model, vh, opt, samples, old_lp, old_v, adv, old_v, pad, args, "cpu", random.Random(0), ref)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(R.reference_logprobs(model, ref, batch, P, Rn, 0.2), ref_before)  # did not move
+        assert not torch.allclose(R.token_logprobs(model, batch, P, Rn, 0.2)[0], ref_before, atol=1e-4)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in model.named_parameters() if "default" in n and "lora_" in n]  # "default" trains
+    R.save(model, processor, vh, str(tmp_path / "m"), {"base_model": "x"})  # the trained adapter alone
+    assert (tmp_path / "m" / "adapter_config.json").exists() and not (tmp_path / "m" / "reference").exists()
 
 
 def test_target_kl_stops_the_update_early(tiny):
@@ -752,6 +805,33 @@ def test_nan_loss_stops_the_update(tiny):
                      processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
 
 
+def test_evaluate_leaves_the_training_rng_alone(tiny):
+    """Evaluating (or not) before RL must not change the training after it: evaluate() samples from a
+    forked RNG, the same noise at every evaluation, and leaves torch's global RNG where it was."""
+    model, processor = tiny
+    args = R.parse_args(["--task", "numberline", "--num-envs", "2", "--max-new-tokens", "8"])
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = R.evaluate(model, processor, args, "cpu", 4)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(3)
+    assert R.evaluate(model, processor, args, "cpu", 4) == first
+
+
+def test_a_loaded_checkpoint_gets_the_dtype_of_its_model(tiny, tmp_path, monkeypatch):
+    """--load of a real model's checkpoint on a GPU loads it in bf16 (it was fp32: the dtype followed
+    --model, which is "tiny" with --load); the tiny model stays fp32; on a CPU both are fp32."""
+    model, processor = tiny
+    asked = []
+    monkeypatch.setattr(R, "load_vlm", lambda path, device, dtype: asked.append(dtype) or (model, processor))
+    for base in ("llava-hf/llava-v1.6-mistral-7b-hf", "tiny"):
+        R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / base),
+               {"base_model": base})
+        for device in ("cuda", "cpu"):
+            R.load_checkpoint(str(tmp_path / base), torch.device(device))
+    assert asked == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+
+
 def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
     model, processor = tiny
     model.eval()
@@ -759,7 +839,7 @@ def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
     path = str(tmp_path / "model")
     R.save(model, processor, vh, path, {"task": "numberline", "cot": True, "base_model": "tiny"})
     samples = _samples(model, processor, n=2, seed=4)
-    loaded, lproc, value_state, meta = R.load_checkpoint(path, "cpu", torch.float32)
+    loaded, lproc, value_state, meta = R.load_checkpoint(path, "cpu")
     lvh = R.make_value_head(R.text_hidden_size(loaded))
     lvh.load_state_dict(value_state)
     loaded.eval()
@@ -769,7 +849,7 @@ def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
         b = R.score(loaded, lvh, *R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # the loaded processor makes the same inputs
-    pool = R.EnvPool("ezpoints", 2, 0)
+    pool = R.EnvPool("ezpoints", range(2))
     x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
     y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
     assert all(torch.equal(x[k], y[k]) for k in x)
@@ -788,7 +868,7 @@ def test_failed_save_keeps_the_last_good_model(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         R.save(model, processor, vh, path, {"mark": "new"})
     monkeypatch.undo()
-    _, _, _, meta = R.load_checkpoint(path, "cpu", torch.float32)
+    _, _, _, meta = R.load_checkpoint(path, "cpu")
     assert meta["mark"] == "good"
 
 
@@ -833,6 +913,8 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     (["--thought-coef", "2"], "between 0 and 1"),
     (["--model", "/no/such/folder"], "model folder not found"),
     (["--load", "/no/such/folder"], "--load folder not found"),
+    (["--lora"], "--lora needs a base model saved on disk"),  # the random tiny base could not be reloaded
+    (["--seed", "-1"], "must be zero or more"),
 ])
 def test_cli_bad_input_is_one_clear_line(argv, message, tmp_path):
     r = _run(*argv, "--save-dir", str(tmp_path / "x"), timeout=120)
@@ -909,7 +991,7 @@ def test_cli_ctrl_c_saves_and_exits_cleanly(tmp_path):
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and "interrupted" in stdout + stderr
-    _, _, _, meta = R.load_checkpoint(str(out / "model"), "cpu", torch.float32)
+    _, _, _, meta = R.load_checkpoint(str(out / "model"), "cpu")
     assert meta["task"] == "numberline" and meta["env_steps"] >= 4
 
 
@@ -977,7 +1059,7 @@ def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
     r = _run("--load", str(tmp_path / "a" / "model"), "--sft-steps", "1", "--sft-batch-size", "2", *common,
              "--save-dir", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr[-2000:]
-    loaded, _, _, meta = R.load_checkpoint(str(tmp_path / "b" / "model"), "cpu", torch.float32)
+    loaded, _, _, meta = R.load_checkpoint(str(tmp_path / "b" / "model"), "cpu")
     assert meta["lora"] is True and meta["base_model"] == str(base)
     trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)

@@ -15,8 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402
-
-EVAL_SEED = 1_000_000  # rl4vlm.EVAL_SEED: episode j of an evaluation is reset(seed=EVAL_SEED + j)
+from rl4vlm import episode_seed  # noqa: E402  (episode j of an evaluation is reset(seed=episode_seed("evaluation", j)))
 
 
 def hit_below(n):
@@ -39,7 +38,7 @@ def exact_win_rate(n):
 def success_rate(task, policy, episodes):
     env, rng, wins = envs.make(task, image_size=56), random.Random(0), 0
     for j in range(episodes):
-        _, info = env.reset(seed=EVAL_SEED + j)
+        _, info = env.reset(seed=episode_seed("evaluation", j))
         total, done = 0.0, False
         while not done:
             if callable(policy):  # policy(env, info) -> action index
@@ -56,7 +55,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--episodes", type=int, default=2000)
     args = p.parse_args()
-    print(f"success rate over {args.episodes} episodes (seeds {EVAL_SEED}..{EVAL_SEED + args.episodes - 1})")
+    print(f"success rate over the {args.episodes} evaluation episodes of rl4vlm.py")
     print(f"{'policy':8s} " + " ".join(f"{t:>10s}" for t in envs.TASKS))
     for policy in ("random", "expert"):
         rates = [success_rate(t, policy, args.episodes) for t in envs.TASKS]

@@ -2,8 +2,9 @@
 
     python tools/reading.py runs/p24-sft3k/model --states 96
 
-For each of N start states (seeds that neither SFT, RL nor evaluation uses) the model answers once,
-sampling at rl4vlm.py's default temperature (0.2; a saved model does not record the run's flags).
+For each of N start states (rl4vlm.episode_seed("probe", i): no SFT, RL or evaluation episode) the
+model answers once, sampling at rl4vlm.py's default temperature (0.2; a saved model does not record
+the run's flags).
 The fields it writes before its thoughts ("current number", "cards", "dealer card", ...:
 rl4vlm.cot_fields) are compared with the env's true values: how often each field is exactly right
 and, for lists such as the cards, how often each element is right. Next to them: what always
@@ -16,8 +17,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-PROBE_SEED = 3_000_000  # training uses seed * 100_000 + i (so --seed below 30), evaluation 1,000,000 + j
 
 
 def field_accuracy(task, answers, infos):
@@ -68,7 +67,7 @@ if __name__ == "__main__":
     import rl4vlm
     import torch
     try:
-        model, processor, _, meta = rl4vlm.load_checkpoint(args.model, "cpu", torch.float32)
+        model, processor, _, meta = rl4vlm.load_checkpoint(args.model, torch.device("cpu"))
     except rl4vlm.LoadError as e:
         sys.exit(f"reading.py: error: {e}")
     task = meta["task"]
@@ -78,7 +77,7 @@ if __name__ == "__main__":
     gen_config = rl4vlm.generation_config(model, processor, run_args)
     model.eval()
     torch.manual_seed(0)
-    pool = rl4vlm.EnvPool(task, args.states, seed=PROBE_SEED)
+    pool = rl4vlm.EnvPool(task, [rl4vlm.episode_seed("probe", i) for i in range(args.states)])
     prompts, answers = pool.prompts(True), []
     for i in range(0, args.states, args.batch):
         rows = range(i, min(i + args.batch, args.states))
