@@ -10,67 +10,53 @@ parsed into an action, and PPO trains the VLM on the task reward with
 and a value head on the VLM's last hidden state at the end of the prompt.
 
 The file runs top to bottom in the order the method does: arguments, prompts, action parsing, the
-model, generation, scoring, supervised warm start (SFT), rollouts, GAE, the PPO update, evaluation,
-saving, and the main loop.
+model, generation, scoring, environments, supervised warm start (SFT), rollouts, GAE, the PPO update,
+evaluation and the main loop; plumbing (the processor's row store, a timer, saving) comes last.
 
-Departures from the paper and from the official code (github.com/RL4VLM/RL4VLM, `VLM_PPO/` and
-its run scripts), each on purpose; envs.py lists the environments' own. README.md has them as a table.
-The model and its warm start
-- `--model tiny` (the default) builds a small LLaVA-architecture VLM from configs, with a tokenizer
-  trained on the task texts, so the whole method runs on a laptop CPU with nothing downloaded. It
-  starts from random weights, so it is fully fine-tuned (no LoRA) and its SFT warm start is made on
-  the fly from the environments' scripted experts instead of the paper's fixed data set.
-- The SFT demonstrations' actions come from the expert only with probability --sft-expert-prob and
-  are uniformly random otherwise, while their thoughts always describe the true state and how its
-  numbers relate ("the target 5 is larger", "2 * 6 makes 12") without naming the next action: SFT
-  teaches reading the image, relating and the answer format; RL has the deciding left to learn.
-- RL leaves the vision tower as SFT left it (full fine-tuning trains the projector and the language
-  model; --lora puts LoRA on the language model's projections only). The official scripts pass
-  `--train-vision all`, which puts LoRA on every linear layer, CLIP's and the projector's too: here
-  rewards must not wear away the tiny model's reading. LoRA has no dropout (official 0.05: PPO's
-  first ratio must be exactly 1, and dropout makes every forward different); r 128 and alpha 256
-  are the official's.
-Prompts, answers and log pi
-- The prompts are reworded: each lists the legal actions and asks for one JSON object whose
-  chain-of-thought fields read the image before "thoughts" and "action" (official: NumberLine
-  "current number", "target number"; the card games "cards", "current formula"). For Blackjack we
-  add "dealer card", "my cards", "my total" (official: "thoughts" and "action" alone), so SFT can
-  teach the reading and tools/reading.py can check it.
-- Parsing: JSON first, then the values after an action key must name exactly one legal action.
-  The official code lower-cases the answer, keeps what follows the first `"action":` (only the last
-  character when there is none) and plays an action when exactly one action name occurs in it as a
-  substring ("10" handled first in the card games). Both play a uniformly random legal action for
-  none or several (counted in our `invalid` rate); they differ on malformed answers only.
-- log pi sums every answer token in fp32. The official code leaves out the first two answer tokens
-  ("its log prob is very very small"), casts the log-probs to bf16, and with no `"action":` key counts
-  the last four tokens as the action (ours: all thoughts, since no token chose the random action).
-  At most 96 new tokens (official 256): our answers are under 70 tokens and a broken one stops sooner.
-PPO
-- Learning rate 1e-4, cosine-decayed to 0 over --num-updates; 8 envs x 16 steps = 128 samples per
-  update, 2 epochs, minibatches of 32: a CPU budget for the tiny model. Official: LoRA lr 1e-5 with
-  CosineAnnealingLR(T_max=25, down to 1e-9) stepped once per update, over 29 updates (NumberLine and
-  Blackjack: 15,000 steps / 512) or 14 (the formula games: 1,024-step rollouts), so its lr reaches
-  ~0 at update 25 and rises again; one env; 4 epochs of one-sample forwards with gradients
-  accumulated over 128; 2 GPUs per run (the paper's machine had 8 A100s).
-- Grad-norm clip 1.0 (official 0.01: with Adam a clip that bites at every step mostly rescales a
-  gradient that Adam normalises anyway); Adam eps 1e-5 (CleanRL's; official 1e-7); advantages are
-  normalised with std + 1e-8 (official 1e-5). The official update also uses the clipped term alone
-  when any ratio exceeds 10, and skips a minibatch whose log-probs are NaN; ours keeps PPO's min of
-  the two terms and stops with an error on a non-finite loss, saving nothing.
-- The loss adds --kl-coef times KL(pi || pi_SFT), the exact KL to the policy as RL starts at every
-  answer token, averaged over the answer (the usual RLHF term, in neither the paper nor the
-  official code). Without it the tiny model's JSON broke within 10-20 updates in every setting we
-  tried (the "action" value turned into thought text, which parses as no action); a 7B model's
-  format is far sturdier than a 0.6M one's. An update also stops early once its approximate KL
-  passes --target-kl (CleanRL's target_kl): it keeps KL spikes from breaking the format.
-- GAE bootstraps through a time limit (NumberLine's 10 steps) from V of the last observation; the
-  official runs treat every episode end as terminal (use_proper_time_limits is off). gamma 0.9,
-  gae_lambda 0.95, clip_coef 0.1 (ratio and value), vf_coef 0.5, temperature 0.2 and
-  thought_coef 0.5 are the paper's and the official's.
-Measuring
-- Success is measured on fixed evaluation episodes that training never plays (episode_seed). The
-  official code reports the success rate of the last N training episodes (N = 200; 1,000 for
-  Blackjack); a run prints that too, over its last --eval-episodes training episodes.
+Departures from the paper and the official code (github.com/RL4VLM/RL4VLM: VLM_PPO/ and its run
+scripts), each on purpose; envs.py lists the environments' own, README.md all of them as a table.
+- Model: `--model tiny` (the default) builds a small LLaVA-architecture VLM from configs, with a
+  tokenizer trained on the task texts: the method runs on a laptop CPU with nothing downloaded. It
+  starts from random weights, so it is fully fine-tuned, and its SFT warm start is made on the fly
+  by the environments' experts instead of the paper's fixed data set.
+- SFT demonstrations: thoughts describe the true state and how its numbers relate ("the target 5 is
+  larger", "2 * 6 makes 12") without naming the next action; actions are the expert's only with
+  probability --sft-expert-prob, else uniformly random. SFT teaches reading, relating and the
+  format; RL has the deciding left to learn.
+- What RL trains: the vision tower stays as SFT left it (rewards must not wear away the tiny model's
+  reading); the official scripts' `--train-vision all` puts LoRA on CLIP and the projector too.
+  --lora targets the language model's projections, r 128 and alpha 256 as the official, but no
+  dropout (official 0.05): PPO's first ratio must be exactly 1.
+- Prompts are reworded; each lists the legal actions. CoT fields as the official (NumberLine
+  "current number", "target number"; card games "cards" and the formula), and Blackjack also writes
+  "dealer card", "my cards", "my total" (official: none), so SFT can teach reading and
+  tools/reading.py can check it.
+- Parsing: JSON, then the values after an action key, must name exactly one legal action. The
+  official code lower-cases the answer, keeps what follows the first `"action":` (the last character
+  when there is none) and plays an action whose name is the only one found in it as a substring.
+  Both play a random legal action for none or several; they differ on malformed answers only.
+- log pi sums every answer token in fp32. The official code leaves out the first two answer tokens,
+  casts log-probs to bf16, and with no `"action":` key takes the last four tokens as the action
+  (ours: all thoughts; no token chose the random action played). At most 96 new tokens (official
+  256): our answers are under 70 tokens, and a broken one stops sooner.
+- Scale (a CPU budget): lr 1e-4 cosine-decayed to 0 over --num-updates; 8 envs x 16 steps per update,
+  2 epochs, minibatches of 32. Official: LoRA lr 1e-5, CosineAnnealingLR(T_max=25, to 1e-9) over 29
+  updates (14 for the formula games): ~0 at update 25, then rising; one env, 512-step rollouts (1,024
+  for the formula games), 4 epochs of one-sample forwards accumulated over 128; 2 GPUs a run (the
+  paper's machine had 8 A100s).
+- Optimiser: grad-norm clip 1.0 (official 0.01: with Adam a clip that bites every step mostly
+  rescales what Adam normalises anyway); Adam eps 1e-5 (CleanRL's; official 1e-7); advantages over
+  std + 1e-8 (official 1e-5). The official update takes the clipped term alone when any ratio passes
+  10 and skips minibatches with NaN log-probs; ours keeps PPO's min and stops on a non-finite loss.
+- Ours alone: the loss adds --kl-coef times the exact KL to the policy as RL starts, per answer token
+  (the usual RLHF term). Without it the tiny model's JSON broke within 10-20 updates in every setting
+  we tried (the "action" value turned into thought text); a 7B model's format is far sturdier. An
+  update also stops early past --target-kl (CleanRL's target_kl), against KL spikes.
+- GAE bootstraps through NumberLine's time limit from V of the last observation; the official runs
+  treat every episode end as terminal. gamma 0.9, gae_lambda 0.95, clip 0.1 (ratio and value),
+  vf_coef 0.5, temperature 0.2 and thought_coef 0.5 are the paper's and the official's.
+- Success is measured on fixed evaluation episodes that no training run plays (episode_seed); the
+  official code reports the last 200 training episodes' (1,000 for Blackjack), which a run prints too.
 
 Run:
     python rl4vlm.py --task numberline                   # SFT warm start + PPO, tiny model, CPU
@@ -81,7 +67,9 @@ Run:
 
 import argparse
 import collections
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -101,39 +89,22 @@ import weakref
 TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS holds the gym ids
 
 
-def positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+def checked(kind, ok, what):
+    """An argparse type: kind(text), refused in one line unless ok(value)."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
-def nonneg_int(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {s}")
-    return v
-
-
-def positive_float(s):
-    v = float(s)
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
-
-
-def nonneg_float(s):
-    v = float(s)
-    if not v >= 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {s}")
-    return v
-
-
-def unit_float(s):
-    v = float(s)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {s}")
-    return v
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonneg_int = checked(int, lambda v: v >= 0, "zero or more")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")  # nan fails too
+nonneg_float = checked(float, lambda v: 0 <= v < math.inf, "zero or more")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
 class Parser(argparse.ArgumentParser):
@@ -141,19 +112,16 @@ class Parser(argparse.ArgumentParser):
         sys.exit(f"rl4vlm.py: error: {message} (see --help)")
 
 
-def parse_args(argv=None):
+def make_parser():
     p = Parser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym_cards tasks.")
     g = p.add_argument_group("environment")
     g.add_argument("--task", default="numberline", choices=TASK_NAMES, help="which gym_cards task")
-    g.add_argument("--num-envs", type=positive_int, default=8,
-                   help="parallel environments; one batched generate call serves them all")
-    g.add_argument("--seed", type=nonneg_int, default=1,
-                   help="seeds torch, python and the training episodes (never the evaluation's)")
+    g.add_argument("--num-envs", type=positive_int, default=8, help="parallel environments, one batched generate")
+    g.add_argument("--seed", type=nonneg_int, default=1, help="seeds torch, python and the training episodes")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny",
-                   help="'tiny' builds a small LLaVA-architecture VLM offline; otherwise a local folder "
-                        "or hub id of a LLaVA-family checkpoint (llava-hf LLaVA-1.5 / 1.6 style)")
+    g.add_argument("--model", default="tiny", help="'tiny' builds a small LLaVA-architecture VLM offline; else a "
+                   "folder or hub id of a LLaVA-family checkpoint (llava-hf LLaVA-1.5 / 1.6 style)")
     g.add_argument("--load", default=None, help="resume from (or evaluate) a folder written by --save-dir")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model (needs peft)")
     g.add_argument("--lora-rank", type=positive_int, default=128, help="LoRA rank r (alpha = 2r)")
@@ -164,8 +132,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=positive_float, default=0.2, help="sampling temperature (paper: 0.2)")
     g.add_argument("--max-new-tokens", type=positive_int, default=96, help="longest answer, in tokens")
-    g.add_argument("--no-cot", action="store_true",
-                   help="ask for the action alone, without thoughts (the paper's CoT ablation)")
+    g.add_argument("--no-cot", action="store_true", help="ask for the action alone (the paper's CoT ablation)")
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
@@ -178,9 +145,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("PPO")
     g.add_argument("--num-updates", type=nonneg_int, default=50, help="PPO updates (rollout + optimisation)")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
-    g.add_argument("--lr", type=positive_float, default=1e-4,
-                   help="Adam learning rate, cosine-decayed over the run (logits are divided by T = 0.2, "
-                        "so log-probs move 5x faster than the weights suggest)")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate, cosine-decayed over the "
+                   "run (logits are divided by T = 0.2: log-probs move 5x faster than the weights suggest)")
     g.add_argument("--gamma", type=float, default=0.9, help="discount (paper: 0.9)")
     g.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda (paper: 0.95)")
     g.add_argument("--clip-coef", type=positive_float, default=0.1, help="PPO ratio and value clip (paper: 0.1)")
@@ -188,23 +154,23 @@ def parse_args(argv=None):
     g.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient norm clip")
     g.add_argument("--update-epochs", type=positive_int, default=2, help="PPO epochs over each rollout")
     g.add_argument("--minibatch-size", type=positive_int, default=32, help="samples per optimiser step")
-    g.add_argument("--micro-batch-size", type=positive_int, default=32,
-                   help="samples per forward pass; gradients accumulate up to --minibatch-size")
-    g.add_argument("--target-kl", type=positive_float, default=0.02,
-                   help="stop an update early once a minibatch's approximate KL exceeds this; it keeps the "
-                        "answer format from breaking in KL spikes (not in the paper)")
-    g.add_argument("--kl-coef", type=nonneg_float, default=3.0,
-                   help="weight of KL(pi || SFT policy) per answer token in the loss (not in the paper; 0: off); "
-                        "keeps a frozen copy of the model, or with --lora switches the adapters off instead")
-    g.add_argument("--thought-coef", type=unit_float, default=0.5,
-                   help="lambda, the weight of the thought tokens' log-prob (paper: 0.5)")
+    g.add_argument("--micro-batch-size", type=positive_int, default=32, help="samples per forward (accumulated)")
+    g.add_argument("--target-kl", type=positive_float, default=0.02, help="stop an update once a minibatch's "
+                   "approximate KL exceeds this, against KL spikes that break the format (not in the paper)")
+    g.add_argument("--kl-coef", type=nonneg_float, default=3.0, help="weight of KL(pi || pi_SFT) per answer token, "
+                   "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper")
+    g.add_argument("--thought-coef", type=unit_float, default=0.5, help="lambda, the thoughts' weight (paper: 0.5)")
 
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-episodes", type=nonneg_int, default=200,
-                   help="episodes on fixed seeds, evaluated after SFT and after RL (0: skip)")
-    g.add_argument("--save-dir", default=None,
-                   help="where the model, processor, value head and metrics go (default runs/TASK-sSEED, "
-                        "with -load appended for --load runs, so evaluating a run never overwrites it)")
+    g.add_argument("--eval-episodes", type=nonneg_int, default=200, help="evaluation episodes after SFT, after RL")
+    g.add_argument("--save-dir", default=None, help="where the model and metrics go (default runs/TASK-sSEED, "
+                   "-load appended for --load runs, so evaluating a run never overwrites it)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, checked across each other, with the defaults that depend on other flags."""
+    p = make_parser()
     args = p.parse_args(argv)
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
@@ -233,6 +199,7 @@ import envs  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # from peft
 transformers.utils.logging.disable_progress_bar()
+log = tqdm.write  # prints above the progress bar
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,8 +423,7 @@ def make_value_head(hidden_size):
 
 
 def text_hidden_size(model):
-    config = model.config
-    return getattr(config, "text_config", config).hidden_size
+    return getattr(model.config, "text_config", model.config).hidden_size
 
 
 class LoadError(Exception):
@@ -497,50 +463,12 @@ def add_lora(model, rank):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation: one batched, left-padded generate call for all environments.
+# Generation: one batched, left-padded generate call for all environments (their inputs come from
+# process(processor, prompts, images, device), in Plumbing at the end).
 
 def chat_texts(processor, prompts):
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
     return [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-
-
-PROCESSED = weakref.WeakKeyDictionary()  # processor -> {(prompt, image digest): its unpadded row of inputs}
-PROCESSED_MAX = 512  # rows kept per processor: NumberLine needs 30; 4-card deals almost never repeat
-
-
-def process(processor, prompts, images, device):
-    """Prompts + images -> model inputs, left-padded: (B, P) ids and mask, plus the image tensors.
-
-    The processor's output depends on the prompt and the image alone, so each pair is processed once
-    and its row kept (up to PROCESSED_MAX rows; then the store starts again). NumberLine shows only 30
-    different pictures, and resizing them again and again took 13% of an SFT step. The rows are the
-    processor's own and the padding below is what padding=True does, so the inputs are exactly the same.
-    """
-    from PIL import Image
-    store = PROCESSED.setdefault(processor, {})
-    keys = [(p, hashlib.sha1(im.tobytes()).hexdigest() + str(im.shape)) for p, im in zip(prompts, images)]
-    new = {k: im for k, im in zip(keys, images) if k not in store}  # the batch's unseen pairs, once each
-    if new:
-        if len(store) + len(new) > PROCESSED_MAX:  # full: start again from this batch alone
-            store.clear()
-            new = dict(zip(keys, images))
-        inputs = processor(text=chat_texts(processor, [p for p, _ in new]),
-                           images=[Image.fromarray(im) for im in new.values()], padding=True, return_tensors="pt")
-        real = inputs["attention_mask"].bool()  # (B, P)
-        for i, k in enumerate(new):  # text fields (B, P) without their padding; image fields whole
-            store[k] = ({name: v[i][real[i]] for name, v in inputs.items() if v.shape == real.shape},
-                        {name: v[i] for name, v in inputs.items() if v.shape != real.shape})
-    texts, pictures = zip(*(store[k] for k in keys))
-    P = max(len(t["input_ids"]) for t in texts)
-    batch = {}
-    for name in texts[0]:  # left padding, as the processor's: every prompt ends at column P - 1
-        pad = processor.tokenizer.pad_token_id if name == "input_ids" else 0
-        batch[name] = torch.full((len(texts), P), pad, dtype=texts[0][name].dtype)
-        for i, t in enumerate(texts):
-            batch[name][i, P - len(t[name]):] = t[name]
-    for name in pictures[0]:
-        batch[name] = torch.stack([pic[name] for pic in pictures])  # e.g. pixel values (B, 3, H, W)
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def generation_config(model, processor, args):
@@ -697,8 +625,27 @@ def reference_logprobs(model, ref_model, batch, P, R, temperature):
         model.set_adapter("default")  # also makes "default" the trainable adapter again
 
 
+def rollout_reference_logprobs(model, ref_model, samples, pad_id, args, device):
+    """The SFT policy's log-probs of every answer of a rollout, once (PPO's epochs reuse them): one
+    (R_i, V) tensor per sample, kept on the CPU (rollout x answer length x vocabulary x 4 bytes)."""
+    out = []
+    for i in range(0, len(samples), args.micro_batch_size):
+        chunk = samples[i:i + args.micro_batch_size]
+        logprobs = reference_logprobs(model, ref_model, *collate(chunk, pad_id, device), args.temperature)
+        out += [lp[:len(s["response_ids"])].cpu() for lp, s in zip(logprobs, chunk)]
+    return out
+
+
 def lambda_log_pi(logp, thought_mask, action_mask, thought_coef):
-    """The paper's action log-prob (Sec. 4.2) from per-token log-probs: (B, R) -> (B,)."""
+    """The paper's action log-prob (Sec. 4.2), log pi = thought_coef * sum of the thought tokens'
+    log-probs + sum of the action tokens' (action_start: from the action key on), (B, R) -> (B,).
+
+    An answer of five tokens at thought_coef 0.5:
+        token            ' {"thoughts":'  ' "up",'  ' "action":'  ' "'   '+"}'
+        log p                 -0.2          -0.4       -0.1        -0.0   -0.3
+        thought / action    thought       thought     action      action  action
+        log pi = 0.5 * (-0.2 - 0.4) + (-0.1 - 0.0 - 0.3) = -0.7
+    """
     logp = logp.masked_fill((thought_mask + action_mask) == 0, 0.0)  # padding may hold any value
     return thought_coef * (logp * thought_mask).sum(1) + (logp * action_mask).sum(1)
 
@@ -753,9 +700,8 @@ class EnvPool:
         self.task = task
         self.envs = [envs.make(task) for _ in seeds]
         self.action_names = self.envs[0].action_names
-        first = [env.reset(seed=seed) for seed, env in zip(seeds, self.envs)]
-        self.obs = [o for o, _ in first]
-        self.infos = [i for _, i in first]
+        first = [env.reset(seed=seed) for seed, env in zip(seeds, self.envs)]  # [(obs, info), ...]
+        self.obs, self.infos = [o for o, _ in first], [i for _, i in first]
         self.returns = [0.0] * len(seeds)
 
     def prompts(self, cot):
@@ -793,10 +739,10 @@ def choose_actions(texts, action_names, rng):
 # ----------------------------------------------------------------------------------------------
 # Supervised warm start (the paper starts RL from an SFT checkpoint): demonstrations made on the fly.
 
-def sft(model, processor, args, device, log):
+def sft(model, processor, args, device):
     """Cross-entropy on demonstration answers. Thoughts describe the true state; the action is the
     expert's with probability --sft-expert-prob, otherwise uniformly random (see the docstring)."""
-    rng = random.Random(args.seed + 1)
+    rng, t0 = random.Random(args.seed + 1), time.time()
     tok = processor.tokenizer
     pool = EnvPool(args.task, [episode_seed("sft", i, args.seed) for i in range(args.sft_batch_size)])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -826,6 +772,67 @@ def sft(model, processor, args, device, log):
         pool.step(actions)
         if (step + 1) % 50 == 0 or step == 0:
             log(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | lr {lr:.2e}")
+    log(f"sft done in {time.time() - t0:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts (paper Algorithm 1): T steps of N environments, each step prompt + image -> answer ->
+# action, stored with what PPO needs.
+
+@dataclasses.dataclass
+class Rollout:
+    """One update's experience, T steps x N environments; samples are in step order (t * N + i)."""
+    samples: list             # T * N contexts: prompt ids, image tensors, answer ids, action start
+    log_pi: torch.Tensor      # (T, N) the lambda-scaled log pi of each answer as it was sampled (old log pi)
+    values: torch.Tensor      # (T, N) V(s_t)
+    rewards: torch.Tensor     # (T, N)
+    terminated: torch.Tensor  # (T, N) bool: the game ended (nothing follows)
+    truncated: torch.Tensor   # (T, N) bool: a time limit ended the episode (bootstrap from final_values)
+    final_values: torch.Tensor  # (T, N) V of the last observation of an episode truncated at step t
+    last_values: torch.Tensor   # (N,) V of the state after the last step
+    finished: list            # returns of the episodes that ended during the rollout
+    invalid: list             # per answer: it named no single legal action (a random one was played)
+    example: str = ""         # the first answer and the action it became, for the log
+
+
+@torch.no_grad()
+def collect_rollout(model, value_head, processor, pool, gen_config, args, device, rng, timer):
+    """Play T = --num-steps steps in every environment of the pool with the current policy.
+
+    Old log pi and V(s) are read off generate's own forward passes (the logits of every sampled token
+    and the last prompt token's hidden state): exactly what score() would compute in a second
+    forward over prompt + answer, to float rounding (a test checks), at no extra cost."""
+    T, N, tok = args.num_steps, len(pool.envs), processor.tokenizer
+    ro = Rollout([], torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N, dtype=torch.bool),
+                 torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N), torch.zeros(N), [], [])
+    model.eval()
+    for t in range(T):
+        with timer("prompt"):
+            inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
+        with timer("generate"):
+            responses, token_logp, hidden = generate(model, inputs, gen_config)  # N answers, (N, R), (N, H)
+        with timer("score"):  # parse the answers; old log pi and V(s) from generate's outputs
+            texts = tok.batch_decode(responses, skip_special_tokens=True)
+            actions, bad = choose_actions(texts, pool.action_names, rng)
+            step_samples = [make_sample(inputs, i, responses[i], tok) for i in range(N)]
+            ro.log_pi[t] = lambda_log_pi(token_logp, *answer_masks(step_samples, token_logp.shape[1]), args.thought_coef)
+            ro.values[t] = value_head(hidden.float())[:, 0].cpu()
+            ro.samples += step_samples
+            ro.invalid += bad
+        if t == 0:
+            ro.example = f"{texts[0]!r} -> {pool.action_names[actions[0]]!r}{' (invalid: random)' if bad[0] else ''}"
+        with timer("env"):
+            r, term, trunc, finals, done_returns = pool.step(actions)
+            ro.rewards[t], ro.terminated[t], ro.truncated[t] = torch.tensor(r), torch.tensor(term), torch.tensor(trunc)
+            ro.finished += done_returns
+        if finals:  # truncated episodes bootstrap from the value of their last observation
+            with timer("score"):
+                ro.final_values[t, list(finals)] = state_values(model, value_head, processor, args, device,
+                                                                pool.action_names, finals)
+    with timer("score"):
+        ro.last_values[:] = state_values(model, value_head, processor, args, device, pool.action_names,
+                                         {i: (pool.obs[i], pool.infos[i]) for i in range(N)})
+    return ro
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,60 +860,64 @@ def compute_gae(rewards, values, terminated, truncated, final_values, last_value
 
 
 # ----------------------------------------------------------------------------------------------
-# The PPO update: clipped surrogate, clipped value loss, normalised advantages, grad-norm clip, and
-# (ours) the KL to the SFT policy.
+# The PPO update (paper Sec. 4.2, Schulman et al. 2017): the clipped surrogate on the lambda-scaled
+# log pi and the clipped value loss; then, marked as ours, the KL to the SFT policy.
 
-def ppo_update(model, value_head, optimizer, samples, old_log_pi, old_values, advantages, returns, pad_id, args, device,
-               rng, ref_model=None):
-    """One PPO optimisation over a rollout's samples; every tensor argument is flat, (T * N,).
-    Given ref_model (see reference_logprobs), the loss adds --kl-coef times the KL to it."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+def ppo_update(model, value_head, optimizer, rollout, advantages, returns, pad_id, args, device, rng, ref_model=None):
+    """--update-epochs passes over the rollout in minibatches of --minibatch-size, each forward over
+    --micro-batch-size samples with gradients accumulated. advantages, returns: (T, N)."""
+    samples, n = rollout.samples, len(rollout.samples)
+    old_log_pi, old_values = rollout.log_pi.flatten(), rollout.values.flatten()  # (T * N,)
+    advantages, returns = advantages.flatten(), returns.flatten()
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    stats = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_frac": [], "ref_kl": []}
-    order, stop = list(range(len(samples))), False
+    ref_logprobs = None if ref_model is None else rollout_reference_logprobs(model, ref_model, samples, pad_id,
+                                                                             args, device)  # ours, for the KL term
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stats, order = collections.defaultdict(list), list(range(n))
+
+    def minibatches():  # each epoch shuffles the rollout once, lazily: an early stop shuffles no more
+        for _ in range(args.update_epochs):
+            rng.shuffle(order)
+            yield from (order[start:start + args.minibatch_size] for start in range(0, n, args.minibatch_size))
+
     model.train()
-    for _ in range(args.update_epochs):
-        rng.shuffle(order)
-        for start in range(0, len(order), args.minibatch_size):
-            minibatch = order[start:start + args.minibatch_size]
-            optimizer.zero_grad(set_to_none=True)
-            n_micro = math.ceil(len(minibatch) / args.micro_batch_size)
-            for m in range(0, len(minibatch), args.micro_batch_size):
-                idx = minibatch[m:m + args.micro_batch_size]
-                batch, P, R = collate([samples[i] for i in idx], pad_id, device)
-                ref = None if ref_model is None else reference_logprobs(model, ref_model, batch, P, R, args.temperature)
-                log_pi, value, ref_kl = score(model, value_head, batch, P, R, args.temperature, args.thought_coef, ref)
-                idx_t = torch.tensor(idx)
-                adv, ret = advantages[idx_t].to(device), returns[idx_t].to(device)
-                old_lp, old_v = old_log_pi[idx_t].to(device), old_values[idx_t].to(device)
-                log_ratio = log_pi - old_lp
-                ratio = log_ratio.exp()
-                policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
-                value_clipped = old_v + (value - old_v).clamp(-args.clip_coef, args.clip_coef)
-                value_loss = 0.5 * torch.max((value - ret) ** 2, (value_clipped - ret) ** 2).mean()
-                for name, x in (("policy loss", policy_loss), ("value loss", value_loss)):
-                    if not torch.isfinite(x):
-                        raise FloatingPointError(f"{name} is {x.item()}")
-                loss = policy_loss + args.vf_coef * value_loss
-                if ref_kl is not None:  # keep the answers near the SFT policy's (not in the paper)
-                    loss = loss + args.kl_coef * ref_kl.mean()
-                    stats["ref_kl"].append(ref_kl.mean().item())
-                loss = loss * len(idx) / len(minibatch)
-                loss.backward()
-                with torch.no_grad():
-                    stats["policy_loss"].append(policy_loss.item())
-                    stats["value_loss"].append(value_loss.item())
-                    stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
-                    stats["clip_frac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            # CleanRL's target_kl: once a minibatch shows the policy has moved this far, stop the update
-            stop = np.mean(stats["approx_kl"][-n_micro:]) > args.target_kl
-            if stop:
-                break
-        if stop:
+    for minibatch in minibatches():
+        optimizer.zero_grad(set_to_none=True)
+        for m in range(0, len(minibatch), args.micro_batch_size):
+            idx = minibatch[m:m + args.micro_batch_size]
+            batch, P, R = collate([samples[i] for i in idx], pad_id, device)
+            ref = None if ref_logprobs is None else torch.nn.utils.rnn.pad_sequence(
+                [ref_logprobs[i] for i in idx], batch_first=True).to(device)  # (B, R, V), zeros on padding
+            log_pi, value, ref_kl = score(model, value_head, batch, P, R, args.temperature, args.thought_coef, ref)
+            adv, ret, old_lp, old_v = (x[idx].to(device) for x in (advantages, returns, old_log_pi, old_values))
+            # --- the paper's loss: PPO's clipped surrogate and clipped value loss
+            log_ratio = log_pi - old_lp
+            ratio = log_ratio.exp()
+            policy_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)).mean()
+            value_clipped = old_v + (value - old_v).clamp(-args.clip_coef, args.clip_coef)
+            value_loss = 0.5 * torch.max((value - ret) ** 2, (value_clipped - ret) ** 2).mean()
+            for name, x in (("policy loss", policy_loss), ("value loss", value_loss)):
+                if not torch.isfinite(x):
+                    raise FloatingPointError(f"{name} is {x.item()}")
+            loss = policy_loss + args.vf_coef * value_loss
+            # --- ours, not the paper's: KL(pi || pi_SFT) per answer token keeps the answer format
+            if ref_kl is not None:
+                loss = loss + args.kl_coef * ref_kl.mean()
+                stats["ref_kl"].append(ref_kl.mean().item())
+            (loss * len(idx) / len(minibatch)).backward()
+            with torch.no_grad():
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["approx_kl"].append(((ratio - 1) - log_ratio).mean().item())
+                stats["clip_frac"].append(((ratio - 1).abs() > args.clip_coef).float().mean().item())
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        # ours too (CleanRL's target_kl): stop once a minibatch shows the policy moved this far
+        n_micro = math.ceil(len(minibatch) / args.micro_batch_size)
+        if np.mean(stats["approx_kl"][-n_micro:]) > args.target_kl:
             break
-    return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+    return {k: float(np.mean(stats[k])) if stats[k] else 0.0
+            for k in ("policy_loss", "value_loss", "approx_kl", "clip_frac", "ref_kl")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,50 +931,220 @@ def evaluate(model, processor, args, device, episodes):
     training's random stream is left exactly where it was (evaluating or not changes no training)."""
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(args.seed)
-        return _evaluate(model, processor, args, device, episodes)
-
-
-def _evaluate(model, processor, args, device, episodes):
-    model.eval()
-    rng = random.Random(args.seed)
-    gen_config = generation_config(model, processor, args)
-    n = min(args.num_envs, episodes)
-    pool = EnvPool(args.task, [episode_seed("evaluation", j) for j in range(n)])  # then n, n + 1, ...
-    next_episode, active = n, list(range(n))
-    returns, invalid, answers = [], 0, 0
-    while active:
-        prompts = pool.prompts(not args.no_cot)
-        inputs = process(processor, [prompts[i] for i in active], [pool.obs[i] for i in active], device)
-        responses = generate(model, inputs, gen_config, for_ppo=False)[0]
-        texts = processor.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        actions, bad = choose_actions(texts, pool.action_names, rng)
-        invalid, answers = invalid + sum(bad), answers + len(bad)
-        still = []
-        for i, a in zip(active, actions):
-            env = pool.envs[i]
-            obs, r, term, trunc, info = env.step(a)
-            pool.returns[i] += r
-            if term or trunc:
-                returns.append(pool.returns[i])
-                pool.returns[i] = 0.0
-                if next_episode >= episodes:
-                    continue
-                obs, info = env.reset(seed=episode_seed("evaluation", next_episode))
-                next_episode += 1
-            pool.obs[i], pool.infos[i] = obs, info
-            still.append(i)
-        active = still
+        model.eval()
+        rng = random.Random(args.seed)
+        gen_config = generation_config(model, processor, args)
+        n = min(args.num_envs, episodes)
+        pool = EnvPool(args.task, [episode_seed("evaluation", j) for j in range(n)])  # then n, n + 1, ...
+        next_episode, active = n, list(range(n))
+        returns, invalid, answers = [], 0, 0
+        while active:
+            prompts = pool.prompts(not args.no_cot)
+            inputs = process(processor, [prompts[i] for i in active], [pool.obs[i] for i in active], device)
+            responses = generate(model, inputs, gen_config, for_ppo=False)[0]
+            texts = processor.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            actions, bad = choose_actions(texts, pool.action_names, rng)
+            invalid, answers = invalid + sum(bad), answers + len(bad)
+            still = []
+            for i, a in zip(active, actions):
+                env = pool.envs[i]
+                obs, r, term, trunc, info = env.step(a)
+                pool.returns[i] += r
+                if term or trunc:
+                    returns.append(pool.returns[i])
+                    pool.returns[i] = 0.0
+                    if next_episode >= episodes:
+                        continue
+                    obs, info = env.reset(seed=episode_seed("evaluation", next_episode))
+                    next_episode += 1
+                pool.obs[i], pool.infos[i] = obs, info
+                still.append(i)
+            active = still
     returns = np.array(returns)
     return {"success": float((returns > 0).mean()), "return": float(returns.mean()),
             "invalid": invalid / max(answers, 1), "episodes": len(returns)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving: write to a temporary folder, then swap it in, so an interrupted save never destroys the
-# last good model.
+# Main: model -> SFT -> evaluate -> [rollout -> GAE -> PPO update -> log] x num_updates -> evaluate -> save
+
+def main(args):
+    t_start = time.time()
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(args.save_dir, exist_ok=True)
+    model, processor, value_head, base_model = build_agent(args, device)
+    results, env_steps, interrupted, t_rl = {}, 0, False, time.time()
+    recent = collections.deque(maxlen=args.eval_episodes or 200)  # the official metric: last N training episodes
+    try:  # Ctrl-C anywhere in training: save what there is and exit
+        t0 = time.time()
+        if args.sft_steps:  # the paper starts RL from an SFT model
+            sft(model, processor, args, device)
+        results["sft_seconds"] = time.time() - t0
+        if args.eval_episodes:
+            results["start"] = start = evaluate(model, processor, args, device, args.eval_episodes)
+            log(f"eval before RL: success {start['success']:.3f} | return {start['return']:.3f} | "
+                f"invalid {start['invalid']:.3f} | {start['episodes']} episodes")
+        # RL trains the language model, the projector and the value head; the vision tower keeps SFT's reading
+        for name, p in model.named_parameters():
+            if "vision_tower" in name:
+                p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
+        ref_model = make_reference(model) if args.kl_coef and args.num_updates else None  # for --kl-coef
+        pool = EnvPool(args.task, [episode_seed("rollout", i, args.seed) for i in range(args.num_envs)])
+        gen_config, rng, t_rl = generation_config(model, processor, args), random.Random(args.seed), time.time()
+        for update in tqdm(range(1, args.num_updates + 1), desc="ppo", disable=not sys.stderr.isatty()):
+            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (update - 1) / args.num_updates))  # cosine to 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            (timer, seconds), t0 = make_timer(), time.time()
+            rollout = collect_rollout(model, value_head, processor, pool, gen_config, args, device, rng, timer)
+            sps = len(rollout.samples) / (time.time() - t0)
+            advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
+                                              rollout.final_values, rollout.last_values, args.gamma, args.gae_lambda)
+            with timer("update"):
+                stats = ppo_update(model, value_head, optimizer, rollout, advantages, returns,
+                                   processor.tokenizer.pad_token_id, args, device, rng, ref_model)
+            env_steps += len(rollout.samples)
+            recent.extend(rollout.finished)
+            log_update(args, update, env_steps, rollout, stats, lr, sps, seconds)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: saving and exiting")
+    results["rl_seconds"] = time.time() - t_rl
+    if recent:
+        results["recent_training"] = {"success": float(np.mean([x > 0 for x in recent])), "episodes": len(recent)}
+    finish(model, processor, value_head, args, device, results, base_model, env_steps, interrupted, t_start)
+    return 130 if interrupted else 0
+
+
+def build_agent(args, device):
+    """-> the VLM, its processor, the value head, and base_model (what a LoRA adapter of it loads onto)."""
+    value_state, base_model = None, args.model
+    if args.load:
+        model, processor, value_state, loaded = load_checkpoint(args.load, device)
+        base_model = loaded.get("base_model")
+        if loaded.get("task") != args.task or loaded.get("cot") == args.no_cot:
+            log(f"note: {args.load} was trained on {loaded.get('task')} (cot={loaded.get('cot')})")
+    elif args.model == "tiny":
+        model, processor = build_tiny_vlm(args.tiny_size)
+        model.to(device)
+    else:
+        model, processor = load_vlm(args.model, device, model_dtype(args.model, device))
+    if args.lora and not hasattr(model, "peft_config"):  # a loaded adapter is already LoRA
+        model = add_lora(model, args.lora_rank)
+        base_model = args.load or base_model  # a loaded full checkpoint is the adapter's base
+    value_head = make_value_head(text_hidden_size(model)).to(device)
+    if value_state is not None:
+        value_head.load_state_dict(value_state)
+    log(f"model: {args.load or args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
+        f"on {device}; task {args.task}, {'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
+    return model, processor, value_head, base_model
+
+
+PHASES = ["prompt", "generate", "score", "env", "update"]  # where an update's time goes
+METRICS = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
+           "approx_kl", "clip_frac", "ref_kl", "lr", "sps"] + [f"t_{k}" for k in PHASES]
+
+
+def log_update(args, update, env_steps, rollout, stats, lr, sps, seconds):
+    """One line per update on the console, one row in metrics.csv (the same numbers)."""
+    done = rollout.finished
+    success = float(np.mean([x > 0 for x in done])) if done else float("nan")  # of the episodes that ended
+    row = {"update": update, "env_steps": env_steps, "success": success, "episodes": len(done),
+           "return": float(np.mean(done)) if done else float("nan"), "invalid": float(np.mean(rollout.invalid)),
+           **stats, "lr": lr, "sps": sps, **{f"t_{k}": seconds[k] for k in PHASES}}
+    with open(os.path.join(args.save_dir, "metrics.csv"), "w" if update == 1 else "a") as f:
+        if update == 1:
+            f.write(",".join(METRICS) + "\n")
+        f.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in METRICS) + "\n")
+    split = " ".join(f"{k} {100 * seconds[k] / sum(seconds[p] for p in PHASES):.0f}%" for k in PHASES)
+    log(f"update {update}/{args.num_updates} | steps {env_steps} | success {row['success']:.2f} ({len(done)} ep) | "
+        f"return {row['return']:.2f} | invalid {row['invalid']:.2f} | pg {stats['policy_loss']:.4f} "
+        f"v {stats['value_loss']:.4f} kl {stats['approx_kl']:.4f} ref_kl {stats['ref_kl']:.4f} "
+        f"clip {stats['clip_frac']:.2f} | lr {lr:.1e} | {sps:.1f} sps | {split}")
+    log(f"  answer: {rollout.example}")
+
+
+def finish(model, processor, value_head, args, device, results, base_model, env_steps, interrupted, t_start):
+    """The final evaluation, the saved model and results.json, and the summary lines."""
+    if args.eval_episodes and args.num_updates and not interrupted:
+        results["final"] = evaluate(model, processor, args, device, args.eval_episodes)
+    results["total_seconds"] = time.time() - t_start
+    if args.sft_steps > 0 or env_steps > 0:  # nothing trained (`--load DIR --num-updates 0`): nothing to save
+        save(model, processor, value_head, os.path.join(args.save_dir, "model"),
+             {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "env_steps": env_steps})
+        log(f"saved to {os.path.join(args.save_dir, 'model')}")
+    with open(os.path.join(args.save_dir, "results.json"), "w") as f:
+        json.dump({"args": vars(args), **results}, f, indent=1)
+    if "start" in results and "final" in results:
+        log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
+            f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
+            f"{results['total_seconds'] / 60:.1f} min in all")
+    if "recent_training" in results:  # the official code's metric, for comparison with its logs
+        log(f"success of the last {results['recent_training']['episodes']} training episodes (the official "
+            f"code's metric): {results['recent_training']['success']:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: the processor's row store, the timer, and saving that never loses the last good model.
+
+PROCESSED = weakref.WeakKeyDictionary()  # processor -> {(prompt, image digest): its unpadded row of inputs}
+PROCESSED_MAX = 512  # rows kept per processor: NumberLine needs 30; 4-card deals almost never repeat
+
+
+def process(processor, prompts, images, device):
+    """Prompts + images -> model inputs, left-padded: (B, P) ids and mask, plus the image tensors.
+
+    The processor's output depends on the prompt and the image alone, so each pair is processed once
+    and its row kept (up to PROCESSED_MAX rows; then the store starts again). NumberLine shows only 30
+    different pictures, and resizing them again and again took 13% of an SFT step. The rows are the
+    processor's own and the padding below is what padding=True does, so the inputs are exactly the same.
+    """
+    from PIL import Image
+    store = PROCESSED.setdefault(processor, {})
+    keys = [(p, hashlib.sha1(im.tobytes()).hexdigest() + str(im.shape)) for p, im in zip(prompts, images)]
+    new = {k: im for k, im in zip(keys, images) if k not in store}  # the batch's unseen pairs, once each
+    if new:
+        if len(store) + len(new) > PROCESSED_MAX:  # full: start again from this batch alone
+            store.clear()
+            new = dict(zip(keys, images))
+        inputs = processor(text=chat_texts(processor, [p for p, _ in new]),
+                           images=[Image.fromarray(im) for im in new.values()], padding=True, return_tensors="pt")
+        real = inputs["attention_mask"].bool()  # (B, P)
+        for i, k in enumerate(new):  # text fields (B, P) without their padding; image fields whole
+            store[k] = ({name: v[i][real[i]] for name, v in inputs.items() if v.shape == real.shape},
+                        {name: v[i] for name, v in inputs.items() if v.shape != real.shape})
+    texts, pictures = zip(*(store[k] for k in keys))
+    P = max(len(t["input_ids"]) for t in texts)
+    batch = {}
+    for name in texts[0]:  # left padding, as the processor's: every prompt ends at column P - 1
+        pad = processor.tokenizer.pad_token_id if name == "input_ids" else 0
+        batch[name] = torch.full((len(texts), P), pad, dtype=texts[0][name].dtype)
+        for i, t in enumerate(texts):
+            batch[name][i, P - len(t[name]):] = t[name]
+    for name in pictures[0]:
+        batch[name] = torch.stack([pic[name] for pic in pictures])  # e.g. pixel values (B, 3, H, W)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def make_timer():
+    """-> (timer, seconds): `with timer("generate"): ...` adds the block's time to seconds["generate"]."""
+    seconds = collections.defaultdict(float)
+    @contextlib.contextmanager
+    def timer(phase):
+        t0 = time.time()
+        yield
+        seconds[phase] += time.time() - t0
+    return timer, seconds
+
 
 def save(model, processor, value_head, path, meta):
-    """meta: {"task", "cot", "base_model", ...}; whether the model is a LoRA adapter is read off it."""
+    """Write to a temporary folder, then swap it in: an interrupted save never destroys the last good
+    model. meta: {"task", "cot", "base_model", ...}; whether it is a LoRA adapter is read off the model."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     lora = hasattr(model, "peft_config")
@@ -971,9 +1152,8 @@ def save(model, processor, value_head, path, meta):
     model.save_pretrained(tmp, **({"selected_adapters": ["default"]} if lora else {}))
     processor.save_pretrained(tmp)
     torch.save(value_head.state_dict(), os.path.join(tmp, "value_head.pt"))
-    meta = {**meta, "lora": lora}
     with open(os.path.join(tmp, "rl4vlm.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+        json.dump({**meta, "lora": lora}, f, indent=1)
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
@@ -1004,185 +1184,6 @@ def load_checkpoint(path, device):
     else:
         model, processor = load_vlm(path, device, dtype)
     return model, processor, value_state, meta
-
-
-# ----------------------------------------------------------------------------------------------
-# Main: model -> SFT -> evaluate -> [rollout -> GAE -> PPO update -> log] x num_updates -> evaluate -> save
-
-def main(args):
-    t_start = time.time()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(args.save_dir, exist_ok=True)
-    metrics_path = os.path.join(args.save_dir, "metrics.csv")
-
-    def log(line):
-        tqdm.write(line)
-
-    # --- model
-    value_state, base_model = None, args.model  # base_model: what a LoRA adapter is loaded on top of
-    if args.load:
-        model, processor, value_state, loaded = load_checkpoint(args.load, device)
-        base_model = loaded.get("base_model")
-        if loaded.get("task") != args.task or loaded.get("cot") == args.no_cot:
-            log(f"note: {args.load} was trained on {loaded.get('task')} (cot={loaded.get('cot')})")
-    elif args.model == "tiny":
-        model, processor = build_tiny_vlm(args.tiny_size)
-        model.to(device)
-    else:
-        model, processor = load_vlm(args.model, device, model_dtype(args.model, device))
-    if args.lora and not hasattr(model, "peft_config"):  # a loaded adapter is already LoRA
-        model = add_lora(model, args.lora_rank)
-        base_model = args.load or base_model  # a loaded full checkpoint is the adapter's base
-    value_head = make_value_head(text_hidden_size(model)).to(device)
-    if value_state is not None:
-        value_head.load_state_dict(value_state)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {args.load or args.model} ({n_params / 1e6:.1f}M parameters) on {device}; task {args.task}, "
-        f"{'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
-
-    env_steps, interrupted, results, t_rl = 0, False, {}, time.time()
-    # The official code's success metric: the last N training episodes' success rate (N = its
-    # --eval-num-per-episode, here --eval-episodes). Ours is the evaluation on fixed seeds; both are printed.
-    recent = collections.deque(maxlen=args.eval_episodes or 200)
-    bar = tqdm(total=args.num_updates, desc="ppo", disable=not sys.stderr.isatty() or args.num_updates == 0)
-    try:  # Ctrl-C anywhere in training: save what there is and exit
-        # --- supervised warm start, then the starting point of RL
-        t0 = time.time()
-        if args.sft_steps:
-            sft(model, processor, args, device, log)
-            log(f"sft done in {time.time() - t0:.0f} s")
-        results["sft_seconds"] = time.time() - t0
-        if args.eval_episodes:
-            start_eval = evaluate(model, processor, args, device, args.eval_episodes)
-            results["start"] = start_eval
-            log(f"eval before RL: success {start_eval['success']:.3f} | return {start_eval['return']:.3f} | "
-                f"invalid {start_eval['invalid']:.3f} | {start_eval['episodes']} episodes")
-
-        # --- RL trains the language model, the projector and the value head. The vision tower keeps what
-        # SFT taught it, as the paper's LoRA keeps CLIP frozen: rewards cannot wear away reading the image.
-        for name, p in model.named_parameters():
-            if "vision_tower" in name:
-                p.requires_grad_(False)
-        params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-        # the SFT policy for --kl-coef: the policy as RL starts (none for SFT-only or evaluation-only runs)
-        ref_model = make_reference(model) if args.kl_coef and args.num_updates else None
-        optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
-        gen_config = generation_config(model, processor, args)
-        tok = processor.tokenizer
-        rng = random.Random(args.seed)
-        pool = EnvPool(args.task, [episode_seed("rollout", i, args.seed) for i in range(args.num_envs)])
-        fields = ["update", "env_steps", "success", "return", "episodes", "invalid", "policy_loss", "value_loss",
-                  "approx_kl", "clip_frac", "ref_kl", "lr", "sps",
-                  "t_prompt", "t_generate", "t_score", "t_env", "t_update"]
-        if args.num_updates:
-            with open(metrics_path, "w") as f:
-                f.write(",".join(fields) + "\n")
-        t_rl = time.time()
-        for update in range(1, args.num_updates + 1):
-            lr = args.lr * 0.5 * (1 + math.cos(math.pi * (update - 1) / args.num_updates))  # cosine schedule
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            timing = dict.fromkeys(["prompt", "generate", "score", "env", "update"], 0.0)
-            T, N = args.num_steps, args.num_envs
-            samples, finished, invalid = [], [], []
-            rewards, values, log_pis = torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N)
-            terminated, truncated = torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N, dtype=torch.bool)
-            final_values = torch.zeros(T, N)
-            model.eval()
-            t_rollout = time.time()
-            for t in range(T):
-                # --- rollout step: prompt + image -> answer -> action
-                t0 = time.time()
-                inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
-                timing["prompt"] += time.time() - t0
-                t0 = time.time()
-                responses, token_logp, hidden = generate(model, inputs, gen_config)  # (B, R), (B, H)
-                timing["generate"] += time.time() - t0
-                t0 = time.time()  # "score": parse the answers; old log pi and V(s) from generate's outputs
-                texts = tok.batch_decode(responses, skip_special_tokens=True)
-                actions, bad = choose_actions(texts, pool.action_names, rng)
-                invalid += bad
-                step_samples = [make_sample(inputs, i, responses[i], tok) for i in range(N)]
-                thought_mask, action_mask = answer_masks(step_samples, token_logp.shape[1])
-                log_pis[t] = lambda_log_pi(token_logp, thought_mask, action_mask, args.thought_coef)
-                with torch.no_grad():
-                    values[t] = value_head(hidden.float())[:, 0].cpu()
-                samples += step_samples
-                timing["score"] += time.time() - t0
-                if t == 0:
-                    sample_line = f"  answer: {texts[0]!r} -> {pool.action_names[actions[0]]!r}{' (invalid: random)' if bad[0] else ''}"
-                t0 = time.time()
-                r, term, trunc, finals, done_returns = pool.step(actions)
-                rewards[t], terminated[t], truncated[t] = torch.tensor(r), torch.tensor(term), torch.tensor(trunc)
-                finished += done_returns
-                timing["env"] += time.time() - t0
-                if finals:  # truncated episodes bootstrap from the value of their last observation
-                    t0 = time.time()
-                    final_values[t, list(finals)] = state_values(model, value_head, processor, args, device, pool.action_names, finals)
-                    timing["score"] += time.time() - t0
-            t0 = time.time()
-            last_values = state_values(model, value_head, processor, args, device, pool.action_names,
-                                       {i: (pool.obs[i], pool.infos[i]) for i in range(N)})
-            timing["score"] += time.time() - t0
-            env_steps += T * N
-            sps = T * N / (time.time() - t_rollout)
-
-            # --- GAE and PPO update
-            advantages, returns = compute_gae(rewards, values, terminated, truncated, final_values, last_values,
-                                              args.gamma, args.gae_lambda)
-            t0 = time.time()
-            stats = ppo_update(model, value_head, optimizer, samples, log_pis.flatten(), values.flatten(),
-                               advantages.flatten(), returns.flatten(), tok.pad_token_id, args, device, rng,
-                               ref_model)
-            timing["update"] = time.time() - t0
-
-            # --- log
-            row = {"update": update, "env_steps": env_steps,
-                   "success": float(np.mean([x > 0 for x in finished])) if finished else float("nan"),
-                   "return": float(np.mean(finished)) if finished else float("nan"), "episodes": len(finished),
-                   "invalid": float(np.mean(invalid)), **stats, "lr": lr, "sps": sps,
-                   **{f"t_{k}": v for k, v in timing.items()}}
-            with open(metrics_path, "a") as f:
-                f.write(",".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in fields) + "\n")
-            total = sum(timing.values())
-            split = " ".join(f"{k} {100 * v / total:.0f}%" for k, v in timing.items())
-            log(f"update {update}/{args.num_updates} | steps {env_steps} | success {row['success']:.2f} "
-                f"({len(finished)} ep) | return {row['return']:.2f} | invalid {row['invalid']:.2f} | "
-                f"pg {stats['policy_loss']:.4f} v {stats['value_loss']:.4f} kl {stats['approx_kl']:.4f} "
-                f"ref_kl {stats['ref_kl']:.4f} clip {stats['clip_frac']:.2f} | lr {lr:.1e} | {sps:.1f} sps | {split}")
-            log(sample_line)
-            recent.extend(finished)
-            bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-        log("interrupted: saving and exiting")
-    bar.close()
-    results["rl_seconds"] = time.time() - t_rl
-
-    # --- final evaluation and save (nothing trained, as in `--load DIR --num-updates 0`: nothing to save)
-    trained = args.sft_steps > 0 or env_steps > 0
-    if args.eval_episodes and args.num_updates and not interrupted:
-        results["final"] = evaluate(model, processor, args, device, args.eval_episodes)
-    if recent:
-        results["recent_training"] = {"success": float(np.mean([x > 0 for x in recent])), "episodes": len(recent)}
-    results["total_seconds"] = time.time() - t_start
-    if trained:
-        save(model, processor, value_head, os.path.join(args.save_dir, "model"),
-             {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "env_steps": env_steps})
-        log(f"saved to {os.path.join(args.save_dir, 'model')}")
-    with open(os.path.join(args.save_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), **results}, f, indent=1)
-    if "start" in results and "final" in results:
-        log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
-            f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
-            f"{results['total_seconds'] / 60:.1f} min in all")
-    if "recent_training" in results:  # the official code's metric, for comparison with its logs
-        log(f"success of the last {results['recent_training']['episodes']} training episodes (the official "
-            f"code's metric): {results['recent_training']['success']:.3f}")
-    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -604,6 +604,11 @@ def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
     assert (from_generate < 0).all()
 
 
+def _rollout(samples, old_log_pi, old_values):
+    """A Rollout with what ppo_update reads: the samples and their old log pi and V(s)."""
+    return R.Rollout(samples, old_log_pi, old_values, *[None] * 5, finished=[], invalid=[])
+
+
 def _naive_gae(rewards, values, terminated, truncated, final_values, last_values, gamma, lam):
     T, N = rewards.shape
     adv = torch.zeros(T, N)
@@ -658,7 +663,7 @@ def test_ppo_update_follows_the_advantage(tiny):
     params = list(model.parameters()) + list(vh.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = R.ppo_update(model, vh, opt, samples, old_lp, old_v, adv, old_v + adv, pad, args, "cpu", random.Random(0))
+    stats = R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), adv, old_v + adv, pad, args, "cpu", random.Random(0))
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # one step: ratio is exactly 1 when scored
     model.eval()
     with torch.no_grad():
@@ -721,7 +726,7 @@ def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
     args = R.parse_args(["--update-epochs", "4", "--minibatch-size", "4", "--kl-coef", "1", "--vf-coef", "0",
                          "--target-kl", "1e6"])
     zero = torch.zeros(4)  # no advantage: only the KL term moves the policy
-    R.ppo_update(model, vh, opt, samples, old_lp, old_v, zero, old_v, pad, args, "cpu", random.Random(0), ref)
+    R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), zero, old_v, pad, args, "cpu", random.Random(0), ref)
     assert kl_to_ref() < 0.8 * start
     for p, b in zip(model.parameters(), before):
         p.data.copy_(b)
@@ -756,7 +761,7 @@ def test_lora_kl_reference_is_the_policy_as_rl_starts(tiny, tmp_path):
     opt = torch.optim.Adam(trainable + list(vh.parameters()), lr=1e-2)
     args = R.parse_args(["--update-epochs", "2", "--minibatch-size", "4", "--target-kl", "1e6"])
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    R.ppo_update(model, vh, opt, samples, old_lp, old_v, adv, old_v, pad, args, "cpu", random.Random(0), ref)
+    R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), adv, old_v, pad, args, "cpu", random.Random(0), ref)
     model.eval()
     with torch.no_grad():
         assert torch.equal(R.reference_logprobs(model, ref, batch, P, Rn, 0.2), ref_before)  # did not move
@@ -783,7 +788,7 @@ def test_target_kl_stops_the_update_early(tiny):
         args = R.parse_args(["--update-epochs", "3", "--minibatch-size", "2", "--micro-batch-size", "2",
                              "--target-kl", str(target_kl)])
         adv = torch.tensor([1.0, -1.0] * 3)
-        R.ppo_update(model, vh, opt, samples, old_lp, old_v, adv, old_v + adv, pad, args, "cpu", random.Random(0))
+        R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), adv, old_v + adv, pad, args, "cpu", random.Random(0))
         return int(opt.state[next(iter(model.parameters()))]["step"])
 
     assert optimizer_steps(1e6) == 9  # 3 epochs x 3 minibatches
@@ -801,7 +806,7 @@ def test_nan_loss_stops_the_update(tiny):
     old = torch.full((2,), float("nan"))
     opt = torch.optim.Adam(vh.parameters())
     with pytest.raises(FloatingPointError, match="policy loss"):
-        R.ppo_update(model, vh, opt, samples, old, torch.zeros(2), torch.ones(2), torch.ones(2),
+        R.ppo_update(model, vh, opt, _rollout(samples, old, torch.zeros(2)), torch.ones(2), torch.ones(2),
                      processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
 
 
