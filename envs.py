@@ -9,15 +9,34 @@ Learning", Zhai et al. 2024, https://arxiv.org/abs/2405.10292. The agent sees on
     Points24    write a formula with the four cards that equals 24 (+ - * / ( ) as well)
     Blackjack   "stand" or "hit" against a dealer whose second card is face down
 
-Deliberate departures from the original implementation:
+Rules follow the official environments (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs);
+the deliberate departures from them, each with its reason:
   * all randomness (deals, suits, draws) goes through the env's own `self.np_random`, so
-    `reset(seed=s)` reproduces a deal and its images exactly;
+    `reset(seed=s)` reproduces a deal and its images exactly (the official NumberLine, EZPoints and
+    Points24 deal with Python's global `random`, so their deals do not follow reset(seed));
   * formulas are evaluated exactly with `fractions.Fraction` by a small recursive-descent parser
-    (`evaluate`): never `eval`, never float equality, so 8 / (3 - 8 / 3) is exactly 24; two
-    numbers in a row do not concatenate; a malformed formula or a division by zero is simply
-    a wrong answer (-1), never an exception;
-  * nothing is read from disk: cards and text are drawn with Pillow's built-in font, and the
-    layouts are sized to stay legible after downscaling to 112x112 or 84x84.
+    (`evaluate`), never `eval`: the official `eval("".join(formula))` uses float division, so there
+    8 / (3 - 8 / 3) is 23.99999999999999, not 24; here it is exactly 24 (a true solution must
+    score). The parser knows only what the game offers, numbers, + - * / and brackets, so Python
+    syntax that `eval` also accepts is a wrong answer here, not a solution: two numbers in a row do
+    not concatenate (officially "1", "2" makes 12), and there is no unary minus or plus, no "**"
+    and no "//" (officially "2", "*", "*", "3" is 2**3, "3", "-", "-", "3" is 3 - (-3) = 6 and
+    "8", "/", "/", "3" is 8 // 3 = 2). A malformed formula or a division by zero is a wrong
+    answer (-1), never an exception;
+  * a number that no unused card shows writes a visible blank "_" (officially an invisible " "),
+    so that the image and info["formula"] show the formula as the env holds it; like the official
+    space it counts toward the formula's length, uses no card and is skipped when the formula is
+    evaluated (but it never joins two numbers);
+  * a formula longer than `max_units` units ends the episode at the next step with -1, as officially,
+    but as terminated (a lost game), not truncated, so that GAE does not bootstrap through it;
+  * Blackjack draws the rank of a card uniformly from A..K, as from a real deck, so a 10-valued
+    card shows as 10, J, Q or K (officially J, Q or K only, never a 10); the values, and so the
+    rewards, have the same distribution. The final image shows the dealer's whole hand, to show how
+    the hand ended (officially the hole card stays face down; no action is taken on that image);
+  * nothing is read from disk, so the module is self-contained: cards and text are drawn with
+    Pillow's built-in font at 224 px by default (officially 300 px, from card PNG files and a
+    DejaVu font), and the layouts are sized to stay legible after downscaling to 112x112 or 84x84;
+    info uses lower-case keys and adds fields (e.g. Blackjack's totals).
 Each env also has `expert_action()`, the best action from the true state (exact solver for
 the formula games, a dynamic-programming policy for Blackjack), used for demonstrations.
 
@@ -115,15 +134,19 @@ def _draw_cards(img, cards, box, cols, aspect):
 
 
 # ---------------------------------------------------------------- exact formulas
+BLANK = "_"  # written for a number that no unused card shows
+
+
 class _Malformed(Exception):
     pass
 
 
 def evaluate(tokens):
     """Exact value (Fraction) of a token list such as ["8", "/", "(", "3", "-", "8", "/", "3", ")"],
-    or None if it is malformed or divides by zero. Grammar: expr = term {(+|-) term};
+    or None if it is malformed or divides by zero. Blanks "_" are skipped, but never join two numbers
+    ("2 _ * 6" is 12, "2 _ 10" is malformed). Grammar: expr = term {(+|-) term};
     term = factor {(*|/) factor}; factor = number | "(" expr ")"."""
-    pos = 0
+    tokens, pos = [t for t in tokens if t != BLANK], 0
 
     def take(expected=None):
         nonlocal pos
@@ -233,8 +256,10 @@ def solve(numbers, target, ops="+-*/"):
 
 
 def continue_solution(numbers, units, target, ops):
-    """The first (shortest) solution that starts with `units`, the formula written so far, or None.
-    `ops` may include brackets; only the arithmetic operators matter to the solver."""
+    """The first (shortest) solution that starts with `units`, the formula written so far (blanks
+    "_" are dropped from it), or None. `ops` may include brackets; only the arithmetic operators
+    matter to the solver."""
+    units = [u for u in units if u != BLANK]
     for sol in solve(tuple(sorted(numbers)), target, "".join(o for o in ops if o in PREC)):
         if list(sol[:len(units)]) == list(units):
             return sol
@@ -325,12 +350,17 @@ class NumberLineEnv(_Task):
     Example state: {"target": 3, "current": 1}; the image reads "Target: 3" / "Current: 1".
     "+" gives reward 0 (closer), then "+" gives +1 and ends the episode. A move that does not get
     closer (wrong way, or bumping into 0 / max_position) costs -1. Truncated after 2*max_position steps.
+    Start (the official rule): current and target each uniform over 0..max_position; if they are
+    equal, target = (target + 1) % max_position. So they always differ, and the max_position + 1
+    pairs (c, (c + 1) % max_position) are twice as likely as the others.
     """
     action_names = ["-", "+"]
 
     def __init__(self, image_size=224, render_mode=None, max_position=5):
         super().__init__(image_size, render_mode)
         self.max_position = int(max_position)
+        if self.max_position < 2:  # the start rule needs it: with 1, (0 + 1) % 1 would start on the target
+            raise ValueError(f"max_position must be at least 2, got {max_position!r}")
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
@@ -340,7 +370,9 @@ class NumberLineEnv(_Task):
                     or self.target == self.current:
                 raise ValueError(f"target and current must be different ints in 0..{self.max_position}")
         else:
-            self.target, self.current = (int(x) for x in self.np_random.choice(self.max_position + 1, 2, replace=False))
+            self.current, self.target = (int(x) for x in self.np_random.integers(self.max_position + 1, size=2))
+            if self.target == self.current:
+                self.target = (self.target + 1) % self.max_position
         self.steps = 0
         self._obs = self._image()
         return self._obs.copy(), self._info()
@@ -380,10 +412,14 @@ def _numberline_image(target, current, S):
 class _FormulaGame(_Task):
     """Write a formula, one unit (number, operator or parenthesis) per step, then "=".
 
-    Reward 10 at "=" if the formula uses every card's number exactly once and equals the target;
-    -1 at a wrong "=" (ends the episode); -1 for a number that no unused card shows (a blank "_"
-    is written instead, so the formula can no longer be right); truncated with -1 when the formula
-    grows past `max_units` units; 0 otherwise.
+    The official rules, checked in this order at each step:
+      * the formula already holds more than `max_units` units: the episode ends with -1 and the
+        action is not applied (terminated: a lost game; officially flagged truncated);
+      * "=": 10 if the formula uses every card's number exactly once and equals the target, else
+        -1; the episode ends;
+      * a number that no unused card shows: -1, and a blank "_" is written instead. It counts toward
+        the length and uses no card; "=" skips it, so the formula can still be completed;
+      * anything else is written, reward 0.
     """
     n_cards = target = max_units = ops = None  # set by the subclasses
     card_bottom, card_cols, card_aspect = 0.75, 2, 0.72  # cards above card_bottom * S, formula below
@@ -407,26 +443,27 @@ class _FormulaGame(_Task):
 
     def step(self, action):
         name = self._check(action)
-        reward, terminated, truncated = 0.0, False, False
-        if name == "=":
+        reward, terminated = 0.0, False
+        if len(self.units) > self.max_units:  # too long: lost, whatever the action
+            reward, terminated = -1.0, True
+        elif name == "=":
             used = sorted(int(u) for u in self.units if u.isdigit())
             right = used == sorted(self.numbers) and evaluate(self.units) == self.target
             reward, terminated = (10.0 if right else -1.0), True
         else:
             if name.isdigit() and self.units.count(name) >= self.numbers.count(int(name)):
-                name, reward = "_", -1.0  # not on an unused card
+                name, reward = BLANK, -1.0  # not on an unused card
             self.units.append(name)
-            if len(self.units) > self.max_units:
-                reward, truncated = -1.0, True
         self._obs = self._image()
-        return self._obs.copy(), reward, terminated, truncated, self._info()
+        return self._obs.copy(), reward, terminated, False, self._info()
 
     def _info(self):
         return {"cards": [r for r, _ in self.cards], "numbers": list(self.numbers), "formula": " ".join(self.units)}
 
     def expert_action(self):
-        """Continue the first (shortest) solution that the formula so far is a prefix of; else give up."""
-        k = len(self.units)
+        """Continue the first (shortest) solution that the formula so far (blanks dropped) is a prefix
+        of; else give up."""
+        k = sum(u != BLANK for u in self.units)
         sol = continue_solution(self.numbers, self.units, self.target, self.ops)
         return self.action_names.index(sol[k] if sol and len(sol) > k else "=")
 
@@ -453,25 +490,27 @@ class EZPointsEnv(_FormulaGame):
     """Make 12 from two cards with "+" and "*".
 
     Example state: cards ["2", "K"] (numbers [2, 10]): "2", "+", "10", "=" earns 10.
-    Deal: the first card is uniform over 2..K; the second is uniform over the ranks whose value
-    makes 12 with it by + or * (2 -> 6, 10, J, Q, K; 6 -> 2, 6; 10/J/Q/K -> 2); their left/right
-    order is then shuffled. So every deal is solvable.
+    Deal (the official one): the first card's rank is uniform over 2..K (value v, J/Q/K count 10);
+    the second card's value is 12 // v with probability 1/2 if v is 2, 3, 4 or 6 (12 by *), else
+    12 - v (12 by +), and its rank is that number (a 10 shows as 10, never J/Q/K); then the two
+    cards swap places with probability 1/2. So every deal is solvable.
     """
     n_cards, target, max_units, ops = 2, 12, 5, ("+", "*")
 
     def _deal(self):
         first = RANKS[1 + self.np_random.integers(12)]
         v = VALUE[first]
-        options = [r for r in RANKS if VALUE[r] + v == 12 or VALUE[r] * v == 12]
-        pair = [first, options[self.np_random.integers(len(options))]]
-        return pair[::-1] if self.np_random.integers(2) else pair
+        second = 12 // v if v in (2, 3, 4, 6) and self.np_random.random() < 0.5 else 12 - v
+        pair = [first, str(second)]
+        return pair[::-1] if self.np_random.random() < 0.5 else pair
 
 
 class Points24Env(_FormulaGame):
     """Make 24 from four cards with + - * / and parentheses (J, Q, K count 10; A counts 1).
 
     Example state: cards ["8", "3", "8", "3"]: "8 / ( 3 - 8 / 3 )" then "=" earns 10.
-    Deal: four ranks uniform over A..K; about 73.1% of deals are solvable.
+    Deal (the official one, with its default treat_face_cards_as_10=True): four ranks uniform over
+    A..K; about 73.1% of deals are solvable.
     """
     n_cards, target, max_units, ops = 4, 24, 20, ("+", "-", "*", "/", "(", ")")
     card_aspect = 1.3  # a 2x2 grid of wide cards keeps the ranks big
@@ -483,7 +522,10 @@ class Points24Env(_FormulaGame):
 class BlackjackEnv(_Task):
     """Gymnasium's Blackjack rules on an infinite deck: "hit" draws a card (over 21 loses, -1);
     "stand" lets the dealer draw to 17 (stands on soft 17); +1 win, 0 draw, -1 loss, no natural
-    bonus. The dealer's second card is face down until the episode ends.
+    bonus. The dealer's second card is face down until the episode ends. These are the official
+    rules (natural=False, sab=False); one difference: each card's rank is uniform over A..K, so a
+    10-valued card shows as 10, J, Q or K (officially J, Q or K only); the values' distribution,
+    and so every reward, is the same.
 
     Example state: {"player_cards": ["A", "7"], "player_total": 18, "usable_ace": True, "dealer_card": "10"}.
     """

@@ -25,6 +25,10 @@ import rl4vlm as R
 
 # --- environments
 
+import re  # noqa: E402  (the official rules' test)
+from fractions import Fraction  # noqa: E402
+
+
 def play(env, *names):
     """Step by action names; returns the list of (reward, terminated, truncated, info)."""
     out = []
@@ -44,6 +48,17 @@ def expert_success(task, seeds):
             total, done = total + reward, terminated or truncated
         wins += total > 0
     return 100 * wins / len(seeds)
+
+
+def assert_frequencies(samples, expected):
+    """Each outcome's share of `samples` is within 4 standard errors of its probability in `expected`
+    (a dict that sums to 1), and no other outcome occurs."""
+    n, counts = len(samples), {}
+    for x in samples:
+        counts[x] = counts.get(x, 0) + 1
+    assert abs(sum(expected.values()) - 1) < 1e-12 and set(counts) <= set(expected), set(counts) - set(expected)
+    for x, p in expected.items():
+        assert abs(counts.get(x, 0) / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (x, counts.get(x, 0) / n, p)
 
 
 def test_registry_and_make():
@@ -129,9 +144,15 @@ def test_numberline_rules():
     env = envs.make("numberline", max_position=3)
     env.reset(options={"target": 3, "current": 0})
     assert [s[2] for s in play(env, *["-"] * 6)] == [False] * 5 + [True]
-    starts = [tuple(env.reset(seed=s)[1].values()) for s in range(300)]
+    starts = [tuple(env.reset(seed=s)[1].values()) for s in range(20000)]
     assert all(t != c and 0 <= min(t, c) and max(t, c) <= 3 for t, c in starts)
-    assert len(set(starts)) == 12  # every ordered (target, current) pair occurs
+    # the official start rule: every ordered (target, current) pair with target != current occurs,
+    # (1, 0), (2, 1), (0, 2) and (1, 3) (the redrawn equal pairs) twice as often as the other eight
+    expected = {(t, c): (2 if (t, c) in {(1, 0), (2, 1), (0, 2), (1, 3)} else 1) / 16
+                for t in range(4) for c in range(4) if t != c}
+    assert_frequencies(starts, expected)
+    with pytest.raises(ValueError, match="max_position must be at least 2"):
+        envs.make("numberline", max_position=1)  # (0 + 1) % 1 would start on the target
 
 
 def test_numberline_images_show_the_state():
@@ -161,26 +182,85 @@ def test_ezpoints_rules():
     assert [s[0] for s in play(env, "6", "+", "6", "=")] == [0, 0, 0, 10.0]  # two 6s: both usable
     env.reset(options={"cards": ["2", "K"]})
     assert [s[0] for s in play(env, "10", "=")] == [0, -1.0]  # must use both cards
+    # blanks count toward the length but "=" skips them: 5 units are still judged...
+    env.reset(options={"cards": ["2", "6"]})
+    steps = play(env, "2", "5", "5", "*", "6", "=")
+    assert [s[0] for s in steps] == [0, -1.0, -1.0, 0, 0, 10.0] and steps[-2][3]["formula"] == "2 _ _ * 6"
+    assert [s[1] for s in steps] == [False] * 5 + [True]
+    # ...but once the formula holds more than 5 units the next step, whatever it is, loses (-1)
+    env.reset(options={"cards": ["2", "6"]})
+    steps = play(env, "2", "5", "5", "5", "*", "6", "=")
+    assert [s[0] for s in steps] == [0, -1.0, -1.0, -1.0, 0, 0, -1.0] and steps[-1][3]["formula"] == "2 _ _ _ * 6"
+    assert [s[1:3] for s in steps] == [(False, False)] * 6 + [(True, False)]  # terminated, not truncated
     env.reset(options={"cards": ["2", "K"]})
-    steps = play(env, "+", "+", "+", "+", "+", "+")
-    assert [s[2] for s in steps] == [False] * 5 + [True] and steps[-1][0] == -1.0  # past 5 units
+    steps = play(env, *["+"] * 7)
+    assert [s[:3] for s in steps] == [(0.0, False, False)] * 6 + [(-1.0, True, False)]
+    assert steps[-1][3]["formula"] == "+ + + + + +"  # the 7th "+" is not written
 
 
 def test_ezpoints_deals_always_make_12():
     env = envs.make("ezpoints", image_size=56)
     seen = set()
     for seed in range(400):
-        a, b = env.reset(seed=seed)[1]["numbers"]
+        info = env.reset(seed=seed)[1]
+        (a, b), ranks = info["numbers"], info["cards"]
         assert a + b == 12 or a * b == 12
-        seen.update(env.cards[i][0] for i in range(2))
-    assert "A" not in seen and seen >= {"2", "4", "6", "10", "J", "Q", "K"}
+        if set(ranks) & {"J", "Q", "K"}:  # a face card is always the first card, so its partner is a 2
+            assert sorted(ranks)[0] == "2"
+        seen.update(ranks)
+    assert seen == {"2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"}  # never an A
+
+
+def official_ezpoints_deal_probabilities():
+    """{(left rank, right rank): probability} of the official EZPoints deal: the first rank uniform
+    over 2..K (J, Q, K count 10); the second card's value is 12 // v with probability 1/2 when v is
+    2, 3, 4 or 6, else 12 - v, shown as that plain number; then a swap with probability 1/2."""
+    probs = {}
+    for first in ["2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K"]:
+        v = 10 if first in "JQK" else int(first)
+        seconds = [(12 // v, 0.5), (12 - v, 0.5)] if v in (2, 3, 4, 6) else [(12 - v, 1.0)]
+        for value, q in seconds:
+            for pair in ((first, str(value)), (str(value), first)):  # kept or swapped
+                probs[pair] = probs.get(pair, 0.0) + q * 0.5 / 12
+    return probs
+
+
+def test_ezpoints_deals_follow_the_official_distribution():
+    env = envs.make("ezpoints", image_size=56)
+    deals = [tuple(env.reset(seed=s)[1]["cards"]) for s in range(20000)]
+    expected = official_ezpoints_deal_probabilities()
+    assert len(expected) == 19 and expected[("J", "2")] == expected[("2", "J")] == 1 / 24
+    assert_frequencies(deals, expected)  # ordered rank pairs, so the value pairs follow too
+    values = {}
+    for (a, b), p in expected.items():
+        key = (envs.VALUE[a], envs.VALUE[b])
+        values[key] = values.get(key, 0.0) + p
+    assert abs(values[(10, 2)] - (1 / 6 + 1 / 48)) < 1e-12 and abs(values[(6, 6)] - 1 / 24) < 1e-12
+    assert_frequencies([tuple(envs.VALUE[r] for r in d) for d in deals], values)
+
+
+@pytest.mark.parametrize("max_position", [2, 5, 9])
+def test_numberline_starts_follow_the_official_distribution(max_position):
+    """Official start: current and target uniform over 0..max_position, then an equal target
+    becomes (target + 1) % max_position."""
+    m, expected = max_position, {}
+    for current in range(m + 1):
+        for target in range(m + 1):
+            pair = (target if target != current else (target + 1) % m, current)
+            expected[pair] = expected.get(pair, 0.0) + 1 / (m + 1) ** 2
+    assert len(expected) == m * (m + 1) and all(t != c for t, c in expected)
+    env = envs.make("numberline", image_size=56, max_position=m)
+    starts = [(i["target"], i["current"]) for i in (env.reset(seed=s)[1] for s in range(20000))]
+    assert_frequencies(starts, expected)
 
 
 def test_evaluate_is_exact_and_safe():
     ev = lambda s: envs.evaluate(s.split())
     assert ev("8 / ( 3 - 8 / 3 )") == 24 and ev("2 + 3 * 4") == 14 and ev("( 2 + 3 ) * 4") == 20
     assert ev("10 - 4 - 3") == 3 and ev("8 / 4 / 2") == 1 and ev("1 / 3 * 3") == 1
-    for bad in ("", "3 8", "( 1 + 2", "1 + 2 )", "1 +", "- 3", "4 / ( 2 - 2 )", "_ + 1", "( )"):
+    assert ev("2 _ * 6") == 12 and ev("_ ( 8 / _ 2 ) _") == 4  # blanks are skipped
+    for bad in ("", "3 8", "( 1 + 2", "1 + 2 )", "1 +", "- 3", "4 / ( 2 - 2 )", "_ + 1", "( )",
+                "2 _ 10", "_", "2 * * 3", "8 / / 3", "3 - - 3"):  # a blank never joins two numbers
         assert ev(bad) is None, bad
 
 
@@ -201,9 +281,19 @@ def test_points24_rules():
     assert info["numbers"] == [1, 5, 10, 8]
     steps = play(env, "2", "10", "10", "1")
     assert [s[0] for s in steps] == [-1.0, 0.0, -1.0, 0.0] and steps[-1][3]["formula"] == "_ 10 _ 1"
+    env.reset(options={"cards": ["2", "4", "3", "3"]})
+    assert play(env, *"2 5 4 * 3 / 3 =".split())[-1][0] == -1.0  # "2 _ 4": the blank does not join them
+    # blanks are skipped by "=": with 11 of them the formula has 20 units and still wins; with 12 it
+    # has 21, more than 20, and the "=" loses
+    for blanks, reward in ((11, 10.0), (12, -1.0)):
+        env.reset(options={"cards": ["8", "3", "8", "3"]})
+        steps = play(env, *["5"] * blanks, *"8 / ( 3 - 8 / 3 ) =".split())
+        assert [s[0] for s in steps] == [-1.0] * blanks + [0.0] * 9 + [reward]
+        assert [s[1:3] for s in steps] == [(False, False)] * (blanks + 9) + [(True, False)]
     env.reset(options={"cards": ["A", "5", "J", "8"]})
-    steps = play(env, *["("] * 21)
-    assert [s[2] for s in steps] == [False] * 20 + [True] and steps[-1][0] == -1.0  # past 20 units
+    steps = play(env, *["("] * 22)
+    assert [s[:3] for s in steps] == [(0.0, False, False)] * 21 + [(-1.0, True, False)]  # past 20 units
+    assert steps[-1][3]["formula"] == " ".join(["("] * 21)
 
 
 def test_formula_experts():
@@ -220,6 +310,18 @@ def test_formula_experts():
     env.reset(options={"cards": ["A", "A", "A", "A"]})  # unsolvable
     assert env.action_names[env.expert_action()] == "="
     assert envs.solve((3, 3, 8, 8), 24) == (tuple("8 / ( 3 - 8 / 3 )".split()),)
+    # blanks are skipped: after "5" (not on a card) and "8" (a blank in between) the expert goes on
+    env.reset(options={"cards": ["8", "3", "8", "3"]})
+    rewards = [s[0] for s in play(env, "5", "8", "5")]
+    while True:
+        _, reward, terminated, truncated, info = env.step(env.expert_action())
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    assert rewards == [-1.0, 0.0, -1.0] + [0.0] * 8 + [10.0] and info["formula"] == "_ 8 _ / ( 3 - 8 / 3 )"
+    solution = tuple("8 / ( 3 - 8 / 3 )".split())
+    assert envs.continue_solution([8, 3, 8, 3], ["_", "8", "_", "/"], 24, "+-*/()") == solution
+    assert envs.continue_solution([2, 6], ["2", "_", "6"], 12, "+*") is None  # "2 _ 6" is not "2 6" joined
 
 
 def test_blackjack_rules():
@@ -324,6 +426,209 @@ def test_reading_probe_scores_state_fields():
     assert acc == {"cards": (0.0, 0.25), "formula": (0.5, None)}  # 2 of 8 cards right, one formula
     guess = rd["constant_guess"]("points24", infos)
     assert guess["cards"] == (0.5, 3 / 8) and guess["formula"] == (1.0, None)  # 10 is 3 of the 8 cards
+
+
+# The official gym_cards rules (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs/*.py), restated as
+# plain functions. They are fed the deals and draws of our envs (the official ones use other random
+# streams), and test_rules_match_the_official_gym_cards checks that every step scores the same.
+
+def official_formula_step(state, name, numbers, target, max_len, exact=False):
+    """One official EZPoints (max_len 5) / Points24 (max_len 20) step. state: {"formula": [...],
+    "used": [...]}, changed in place; numbers: the card values. -> (reward, terminated, truncated).
+    exact=True evaluates the same Python expression with every number a Fraction (not official)."""
+    formula, used = state["formula"], state["used"]
+    if len(formula) > max_len:  # checked first, whatever the action
+        return -1, False, True
+    if name.isdigit():
+        if any((used + [int(name)]).count(x) > numbers.count(x) for x in used + [int(name)]):
+            formula.append(" ")  # not on an unused card: a blank
+            return -1, False, False
+        used.append(int(name))
+    if name == "=":
+        text = "".join(map(str, formula))
+        if exact:
+            text = re.sub(r"\d+", r"Fraction(\g<0>)", text)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "3(4)" warns at compile time, then raises TypeError
+                reward = 10 if eval(text, {"Fraction": Fraction}) == target else -1
+        except Exception:
+            reward = -1
+        if len(used) != len(numbers):
+            reward = -1
+        return reward, True, False
+    formula.append(int(name) if name.isdigit() else name)
+    return 0, False, False
+
+
+def official_numberline_step(state, action, max_position):
+    """state: {"position", "goal", "steps"}, changed in place; action 0 left, 1 right."""
+    state["steps"] += 1
+    before = abs(state["position"] - state["goal"])
+    if action == 0 and state["position"] > 0:
+        state["position"] -= 1
+    elif action == 1 and state["position"] < max_position:
+        state["position"] += 1
+    after = abs(state["position"] - state["goal"])
+    done = after == 0
+    reward = 1 if done else -1 if after >= before else 0
+    return reward, done, not done and state["steps"] >= max_position * 2
+
+
+def official_sum_hand(values):
+    return sum(values) + 10 if 1 in values and sum(values) + 10 <= 21 else sum(values)
+
+
+def official_blackjack_step(action, player, dealer=None):
+    """The official reward and end of a hit (action 1; `player` already holds the drawn card) or a
+    stick (0; `dealer`: the dealer's final hand). Card values: A 1, J/Q/K 10."""
+    if action == 1:
+        return (-1.0, True) if official_sum_hand(player) > 21 else (0.0, False)
+    score = [0 if official_sum_hand(h) > 21 else official_sum_hand(h) for h in (player, dealer)]
+    return float(score[0] > score[1]) - float(score[0] < score[1]), True
+
+
+def official_dealer_draws(dealer):
+    """How many cards the official dealer ends with, drawing from `dealer` while below 17."""
+    k = 2
+    while official_sum_hand(dealer[:k]) < 17:
+        k += 1
+    return k
+
+
+def declared_difference(formula):
+    """Which declared difference of ours may change what the official "=" makes of `formula` (with its
+    " " blanks): "**" or "//" (two operators read as one), "concatenation" (two numbers with no blank
+    between), "unary sign"; None if Python reads it as our grammar does (or rejects it as we do)."""
+    text = "".join(map(str, formula))
+    for op in ("**", "//"):
+        if op in text:
+            return op
+    if any(isinstance(a, int) and isinstance(b, int) for a, b in zip(formula, formula[1:])):
+        return "concatenation"
+    units = [str(u) for u in formula if u != " "]
+    if any(u in "+-" and (i == 0 or units[i - 1] in ("+", "-", "*", "/", "(")) for i, u in enumerate(units)):
+        return "unary sign"
+    return None
+
+
+FACE_VALUE = {"A": 1, "J": 10, "Q": 10, "K": 10}
+
+
+def test_rules_match_the_official_gym_cards():
+    """Thousands of episodes, their actions the expert's or uniformly random ones (mixed per episode),
+    played in our envs and in the official rules above from the same deals and draws: the rewards
+    and episode ends agree at every step, the official "truncated" at the length limit being our
+    "terminated". The only exceptions allowed are "=" steps on formulas with a declared difference
+    (envs.py's docstring): Python reads "**", "//", two numbers in a row or a unary sign, which our
+    parser rejects (-1), or float arithmetic changes the result (we score the exact value)."""
+    rng = random.Random(0)
+    # formula games
+    stats = {"episodes": 0, "steps": 0, "=": 0, 10: 0, -1: 0, "blank": 0, "blank win": 0, "too long": 0}
+    seen = {"**": 0, "//": 0, "concatenation": 0, "unary sign": 0}  # "=" on such formulas
+    differ = {"**": 0, "//": 0, "concatenation": 0, "unary sign": 0, "float": 0}  # ... scored differently
+    for task, episodes in (("ezpoints", 4000), ("points24", 4000)):
+        env = envs.make(task, image_size=56)
+        max_len, target = env.max_units, env.target
+        for seed in range(episodes):
+            numbers = env.reset(seed=seed)[1]["numbers"]
+            state, p_expert = {"formula": [], "used": []}, rng.choice([0.0, 0.5, 0.9])
+            stats["episodes"] += 1
+            while True:
+                a = env.expert_action() if rng.random() < p_expert else rng.randrange(len(env.action_names))
+                name, stats["steps"] = env.action_names[a], stats["steps"] + 1
+                judged = name == "=" and len(state["formula"]) <= max_len  # "=" evaluates the formula
+                kind = declared_difference(state["formula"]) if judged else None
+                _, reward, terminated, truncated, info = env.step(a)
+                assert truncated is False
+                if kind:
+                    seen[kind] += 1
+                if kind == "**":  # not evaluated: "10**10**10" would never finish; we say -1
+                    differ["**"] += 1
+                    assert (reward, terminated) == (-1.0, True)
+                    stats["="], stats[-1] = stats["="] + 1, stats[-1] + 1
+                    break
+                exact = official_formula_step(copy.deepcopy(state), name, numbers, target, max_len, exact=True)
+                official = official_formula_step(state, name, numbers, target, max_len)
+                assert terminated == (official[1] or official[2]), (task, seed, state, name)
+                if reward != official[0]:  # allowed only on a declared difference
+                    assert judged, (task, seed, state, name, reward, official)
+                    if kind:  # Python reads what our parser rejects
+                        assert reward == -1.0, (task, state, name)
+                        differ[kind] += 1
+                    else:  # float arithmetic: we score the exact value
+                        assert reward == exact[0] != official[0], (task, state, name, reward, official)
+                        differ["float"] += 1
+                assert info["formula"].split() == ["_" if u == " " else str(u) for u in state["formula"]]
+                stats["blank"] += reward == -1 and not terminated
+                stats["too long"] += official[2]
+                if judged:
+                    stats["="], stats[reward] = stats["="] + 1, stats[reward] + 1
+                    stats["blank win"] += reward == 10 and "_" in info["formula"]
+                if terminated:
+                    break
+    print("formula games:", stats, "declared-difference formulas at '=':", seen, "scored differently:", differ)
+    assert stats[10] > 1000 and stats[-1] > 1000 and stats["blank"] > 1000  # wins, losses, blanks
+    assert stats["too long"] > 500 and stats["blank win"] > 50  # length ends; wins despite blanks
+    assert sum(differ.values()) < 0.02 * stats["="]
+
+    # NumberLine
+    env, outcomes = envs.make("numberline", image_size=56), {}
+    for seed in range(3000):
+        info = env.reset(seed=seed)[1]
+        state, p_expert = {"position": info["current"], "goal": info["target"], "steps": 0}, rng.choice([0.0, 0.5])
+        while True:
+            a = env.expert_action() if rng.random() < p_expert else rng.randrange(2)
+            _, reward, terminated, truncated, info = env.step(a)
+            assert (reward, terminated, truncated) == official_numberline_step(state, a, env.max_position)
+            assert info["current"] == state["position"]
+            outcomes[reward, truncated] = outcomes.get((reward, truncated), 0) + 1
+            if terminated or truncated:
+                break
+    print("numberline (reward, truncated): steps", outcomes)
+    assert all(outcomes.get(k, 0) > 100 for k in ((1.0, False), (0.0, False), (-1.0, False), (-1.0, True)))
+
+    # Blackjack
+    env, outcomes = envs.make("blackjack", image_size=56), {}
+    value = lambda ranks: [FACE_VALUE.get(r) or int(r) for r in ranks]
+    for seed in range(5000):
+        env.reset(seed=seed)
+        while True:
+            a = env.expert_action() if rng.random() < 0.5 else rng.randrange(2)
+            _, reward, terminated, truncated, info = env.step(a)
+            dealer = value(info["dealer_cards"]) if a == 0 else None
+            if a == 0:
+                assert official_dealer_draws(dealer) == len(dealer)  # the dealer stopped where it would
+            official = official_blackjack_step(a, value(info["player_cards"]), dealer)
+            assert (reward, terminated, truncated) == (*official, False)
+            outcomes[reward, a] = outcomes.get((reward, a), 0) + 1
+            if terminated:
+                break
+    print("blackjack (reward, action): steps", outcomes)
+    assert all(outcomes.get(k, 0) > 100 for k in ((1.0, 0), (0.0, 0), (-1.0, 0), (0.0, 1), (-1.0, 1)))
+
+
+@pytest.mark.parametrize("task, cards, actions, official_reward, our_reward, kind", [
+    ("points24", ["8", "3", "8", "3"], "8 / ( 3 - 8 / 3 ) =", -1, 10.0, None),  # float: 23.99999999999999
+    ("points24", ["10", "10", "4", "A"], "10 * 10 / / 4 - 1 =", 10, -1.0, "//"),  # 100 // 4 - 1
+    ("points24", ["A", "2", "2", "A"], "1 2 * 2 * 1 =", 10, -1.0, "concatenation"),  # 12 * 2 * 1
+    ("points24", ["A", "2", "2", "A"], "1 5 2 * 2 * 1 =", -1, -1.0, None),  # "1 _ 2": no concatenation
+    ("points24", ["2", "3", "3", "A"], "2 * * 3 * 3 * 1 =", 10, -1.0, "**"),  # 2 ** 3 * 3 * 1
+    ("points24", ["A", "5", "5", "A"], "- 1 + 5 * 5 * 1 =", 10, -1.0, "unary sign"),
+    ("ezpoints", ["2", "K"], "+ 2 + 10 =", 10, -1.0, "unary sign"),
+    ("ezpoints", ["2", "6"], "5 2 * 5 6 =", 10, 10.0, None),  # " 2* 6": the blanks are skipped
+])
+def test_declared_differences_from_the_official_rules(task, cards, actions, official_reward, our_reward, kind):
+    """Each declared difference, once: the official rules above and our env on the same formula."""
+    env = envs.make(task, image_size=56)
+    numbers = env.reset(options={"cards": cards})[1]["numbers"]
+    state = {"formula": [], "used": []}
+    for name in actions.split():
+        if name == "=":
+            assert declared_difference(state["formula"]) == kind
+        official = official_formula_step(state, name, numbers, env.target, env.max_units)
+        ours = play(env, name)[0]
+    assert official == (official_reward, True, False) and ours[:3] == (our_reward, True, False)
 
 
 # --- rl4vlm.py: prompts and action parsing
