@@ -1084,9 +1084,8 @@ def finish(model, processor, value_head, args, device, results, base_model, env_
         log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
             f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
             f"{results['total_seconds'] / 60:.1f} min in all")
-    if "recent_training" in results:  # the official code's metric, for comparison with its logs
-        log(f"success of the last {results['recent_training']['episodes']} training episodes (the official "
-            f"code's metric): {results['recent_training']['success']:.3f}")
+    if recent := results.get("recent_training"):  # the official code's metric, for comparison with its logs
+        log(f"success of the last {recent['episodes']} training episodes (the official code's metric): {recent['success']:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------
