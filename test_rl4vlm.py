@@ -649,7 +649,7 @@ def test_parse_action_well_formed_and_messy():
     assert R.parse_action('{"action": 10.0}', P24) == P24.index("10")
     assert R.parse_action('{"action": "hit"}', ["stand", "hit"]) == 1
     assert R.parse_action('{"action": "Stand"}', ["stand", "hit"]) == 0
-    # Broken JSON: the paper's rule, the text after "action": names one legal action.
+    # Broken JSON: the fallback rule, the values after an action key name one legal action.
     assert R.parse_action('{"thoughts": "unterminated, "action": "+"', names) == 1
     assert R.parse_action('thoughts: 3 < 5 so action: +', names) == 1
     assert R.parse_action('"action": "10"', P24) == P24.index("10")  # "10" is not "1"
