@@ -18,7 +18,9 @@ scripts), each on purpose; envs.py lists the environments' own, README.md all of
 - Model: `--model tiny` (the default) builds a small LLaVA-architecture VLM from configs, with a
   tokenizer trained on the task texts: the method runs on a laptop CPU with nothing downloaded. It
   starts from random weights, so it is fully fine-tuned, and its SFT warm start is made on the fly
-  by the environments' experts instead of the paper's fixed data set.
+  by the environments' experts instead of the paper's fixed data set. `--tiny-arch` builds a tiny
+  copy of another family's architecture instead (LLaVA-NeXT, Qwen2/2.5/3-VL, Idefics3, Gemma 3), and
+  `--model` takes a real checkpoint of any of them (FAMILIES holds all that differs between them).
 - SFT demonstrations: thoughts describe the true state and how its numbers relate ("the target 5 is
   larger", "2 * 6 makes 12") without naming the next action; actions are the expert's only with
   probability --sft-expert-prob, else uniformly random. SFT teaches reading, relating and the
@@ -62,6 +64,7 @@ Run:
     python rl4vlm.py --task numberline                   # SFT warm start + PPO, tiny model, CPU
     python rl4vlm.py --task blackjack --no-cot           # the paper's CoT ablation
     python rl4vlm.py --model llava-hf/llava-v1.6-mistral-7b-hf --lora --sft-steps 0   # the paper's backbone, GPU
+    python rl4vlm.py --tiny-arch qwen2.5-vl              # the same method on a tiny Qwen2.5-VL, CPU
     python rl4vlm.py --load runs/numberline-s1/model --num-updates 0 --eval-episodes 500
 """
 
@@ -348,70 +351,61 @@ def parse_action(text, action_names):
 
 # What differs between VLM families, all of it: one entry per model_type; a model_type not listed
 # gets the defaults, which are LLaVA's. The rest of the file is one code path.
-#   processor  its stock processor class wants a video processor, which needs torchvision: built
-#              image-only (image_only below)
-#   vision     the vision encoder's parameter names hold this (frozen in RL; default "vision_tower")
-#   text       the language model's module names hold this (LoRA's targets; default "language_model")
-#   patches    pixel_values is all images' patches in a row, this field (B, 3) says how many each has
-#   answer_ids the value of token_type_ids over the answer (default 0: text)
-#   tiny       --tiny-arch's recipe: the tokenizer's extra special tokens, the text that stands for the
-#              image in the chat template, the image processor, the processor's arguments, and the
-#              config's arguments given (vision width, vision layers, text config, tokenizer)
-def _llama(t):  # a Llama text config for the families whose language model is one
+#   processor   its processor class (the tiny model's)
+#   image_only  that class wants a video processor, which needs torchvision: use it image-only
+#   vision      the vision encoder's module name (frozen in RL; default "vision_tower")
+#   text        the language model's module name (LoRA's targets; default "language_model")
+#   patches     pixel_values is all images' patches in a row; this field (B, 3) counts each one's
+#   tiny        --tiny-arch's recipe: the tokenizer's extra special tokens, what stands for the image in
+#               the chat template, the image processor, the processor's arguments, and the config's
+#               arguments given (vision width, vision layers, text config, tokenizer)
+def _llama(t):  # a Llama text config, for the families whose language model is one
     return {**t, "model_type": "llama"}
 
 
-def _qwen(t, head_dim=None):  # Qwen's 3-D RoPE splits half of each head's dimensions over (t, h, w)
-    half = (head_dim or t["hidden_size"] // t["num_attention_heads"]) // 2
+def _qwen(t, tok, **extra):  # Qwen's 3-D RoPE splits half of each head's dimensions over (time, h, w)
+    half = t["hidden_size"] // t["num_attention_heads"] // 2
     rope = {"rope_type": "default", "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]}
-    return {**t, "rope_parameters": rope, **({"head_dim": head_dim} if head_dim else {})}
+    return dict(text_config={**t, "rope_parameters": rope, **extra},
+                **{k + "_id": tok.convert_tokens_to_ids(v) for k, v in QWEN["tokens"].items()})
 
 
-def _qwen_ids(tok):
-    return {k + "_id": tok.convert_tokens_to_ids(v) for k, v in QWEN_TOKENS.items()}
-
-
-QWEN_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-               "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-CLIP_112 = {"model_type": "clip_vision_model", "num_attention_heads": 4, "image_size": 112, "patch_size": 14}
+CLIP = {"model_type": "clip_vision_model", "num_attention_heads": 4, "image_size": 112, "patch_size": 14}
+QWEN = dict(tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token":
+                    "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+            image="<|vision_start|><|image_pad|><|vision_end|>", processor={},  # 112 px: 8x8 patches, 16 tokens
+            image_processor=("Qwen2VLImageProcessorPil", dict(size={"shortest_edge": 112 * 112, "longest_edge":
+                                                                     112 * 112}, patch_size=14, merge_size=2)))
 FAMILIES = {
-    "llava": {},  # the tiny one is build_tiny_vlm's
-    "llava_next": {"tiny": dict(
+    "llava": {},  # its tiny model is build_tiny_vlm's
+    "llava_next": {"processor": "LlavaNextProcessor", "tiny": dict(
         tokens={"image_token": "<image>"}, image="<image>\n",
         image_processor=("LlavaNextImageProcessorPil", dict(size={"shortest_edge": 112}, image_grid_pinpoints=[[112, 112]],
                                                            crop_size={"height": 112, "width": 112})),
         processor=dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1),
         config=lambda w, n, t, tok: dict(
-            vision_config={**CLIP_112, "hidden_size": w, "intermediate_size": 2 * w, "num_hidden_layers": n},
+            vision_config={**CLIP, "hidden_size": w, "intermediate_size": 2 * w, "num_hidden_layers": n},
             text_config=_llama(t), image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=64,
             image_grid_pinpoints=[[112, 112]], vision_feature_layer=-1, vision_feature_select_strategy="default"))},
-    "qwen2_vl": {"processor": "Qwen2VLProcessor", "vision": "visual", "patches": "image_grid_thw", "tiny": dict(
-        tokens=QWEN_TOKENS, image=QWEN_IMAGE,
-        image_processor=("Qwen2VLImageProcessorPil", dict(size={"shortest_edge": 112 * 112, "longest_edge": 112 * 112},
-                                                         patch_size=14, merge_size=2)),  # 112 px: 16 tokens
-        config=lambda w, n, t, tok: dict(
-            vision_config=dict(depth=n, embed_dim=w, hidden_size=t["hidden_size"], num_heads=4),
-            text_config=_qwen(t), **_qwen_ids(tok)))},
-    "qwen2_5_vl": {"processor": "Qwen2_5_VLProcessor", "vision": "visual", "patches": "image_grid_thw", "tiny": dict(
-        tokens=QWEN_TOKENS, image=QWEN_IMAGE,
-        image_processor=("Qwen2VLImageProcessorPil", dict(size={"shortest_edge": 112 * 112, "longest_edge": 112 * 112},
-                                                         patch_size=14, merge_size=2)),
-        config=lambda w, n, t, tok: dict(
-            vision_config=dict(depth=n, hidden_size=w, intermediate_size=2 * w, num_heads=4,
-                               out_hidden_size=t["hidden_size"], fullatt_block_indexes=[n - 1]),
-            text_config=_qwen(t), **_qwen_ids(tok)))},
-    "qwen3_vl": {"processor": "Qwen3VLProcessor", "vision": "visual", "patches": "image_grid_thw", "tiny": dict(
-        tokens=QWEN_TOKENS, image=QWEN_IMAGE,
-        image_processor=("Qwen2VLImageProcessorPil", dict(size={"shortest_edge": 128 * 128, "longest_edge": 128 * 128},
-                                                         patch_size=16, merge_size=2)),  # 128 px: 16 tokens
-        config=lambda w, n, t, tok: dict(
-            vision_config=dict(depth=n, hidden_size=w, intermediate_size=2 * w, num_heads=4, patch_size=16,
-                               out_hidden_size=t["hidden_size"], num_position_embeddings=64,
-                               deepstack_visual_indexes=[0]),
-            text_config=_qwen(t, head_dim=t["hidden_size"] // t["num_attention_heads"]), **_qwen_ids(tok)))},
-    "idefics3": {"vision": "vision_model", "text": "text_model", "tiny": dict(  # SmolVLM (v1) checkpoints too
-        tokens={"image_token": "<image>"}, image="<image>",
+    "qwen2_vl": {"processor": "Qwen2VLProcessor", "image_only": True, "vision": "visual", "patches": "image_grid_thw",
+                 "tiny": dict(QWEN, config=lambda w, n, t, tok: dict(
+                     vision_config=dict(depth=n, embed_dim=w, hidden_size=t["hidden_size"], num_heads=4),
+                     **_qwen(t, tok)))},
+    "qwen2_5_vl": {"processor": "Qwen2_5_VLProcessor", "image_only": True, "vision": "visual",
+                   "patches": "image_grid_thw", "tiny": dict(QWEN, config=lambda w, n, t, tok: dict(
+                       vision_config=dict(depth=n, hidden_size=w, intermediate_size=2 * w, num_heads=4,
+                                          out_hidden_size=t["hidden_size"], fullatt_block_indexes=[n - 1]),
+                       **_qwen(t, tok)))},
+    "qwen3_vl": {"processor": "Qwen3VLProcessor", "image_only": True, "vision": "visual", "patches": "image_grid_thw",
+                 "tiny": dict(QWEN, image_processor=("Qwen2VLImageProcessorPil", dict(  # 128 px: 16 tokens
+                     size={"shortest_edge": 128 * 128, "longest_edge": 128 * 128}, patch_size=16, merge_size=2)),
+                     config=lambda w, n, t, tok: dict(
+                         vision_config=dict(depth=n, hidden_size=w, intermediate_size=2 * w, num_heads=4, patch_size=16,
+                                            out_hidden_size=t["hidden_size"], num_position_embeddings=64,
+                                            deepstack_visual_indexes=[0]),
+                         **_qwen(t, tok, head_dim=t["hidden_size"] // t["num_attention_heads"])))},
+    "idefics3": {"processor": "Idefics3Processor", "vision": "vision_model", "text": "text_model", "tiny": dict(
+        tokens={"image_token": "<image>"}, image="<image>",  # the SmolVLM (v1) checkpoints are Idefics3 too
         image_processor=("Idefics3ImageProcessorPil", dict(size={"longest_edge": 112}, do_image_splitting=False,
                                                           max_image_size={"longest_edge": 112})),
         processor=dict(image_seq_len=16),  # 8x8 patches, pixel-shuffled by scale_factor 2
@@ -419,18 +413,17 @@ FAMILIES = {
             vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n, num_attention_heads=4,
                                image_size=112, patch_size=14),
             text_config=_llama(t), image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2))},
-    "gemma3": {"tiny": dict(
+    "gemma3": {"processor": "Gemma3Processor", "tiny": dict(
         tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
         image="<start_of_image>", image_processor=("Gemma3ImageProcessorPil", dict(size={"height": 112, "width": 112})),
-        processor=dict(image_seq_length=16),
+        processor=dict(image_seq_length=16),  # 8x8 patches, pooled to 4x4
         config=lambda w, n, t, tok: dict(
-            vision_config={**CLIP_112, "model_type": "siglip_vision_model", "hidden_size": w,
+            vision_config={**CLIP, "model_type": "siglip_vision_model", "hidden_size": w,
                            "intermediate_size": 2 * w, "num_hidden_layers": n},
             text_config={**t, "model_type": "gemma3_text", "head_dim": t["hidden_size"] // t["num_attention_heads"]},
             mm_tokens_per_image=16, image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
             boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
             eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>")))},
-    "paligemma": {"answer_ids": 1},  # token_type_ids 0 is the prefix, which attends to all of it
 }
 
 
@@ -447,6 +440,7 @@ def image_only(name):
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
     return type(name, (stock,), {"__init__": __init__, "__module__": __name__})
+
 
 CHAT_TEMPLATE = (  # LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:"
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
@@ -529,12 +523,11 @@ def build_tiny_family(arch, size="mini"):
     model_type = TINY_ARCHS[arch]
     fam, recipe = FAMILIES[model_type], FAMILIES[model_type]["tiny"]
     bpe = build_tiny_vlm(size)[1].tokenizer
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(bpe.backend_tokenizer), pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>", extra_special_tokens=recipe["tokens"],
-                                        padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(bpe.backend_tokenizer), pad_token=bpe.pad_token,
+                                        bos_token=bpe.bos_token, eos_token=bpe.eos_token, padding_side="left",
+                                        extra_special_tokens=recipe["tokens"])
     name, kwargs = recipe["image_processor"]
-    processor_class = image_only(fam["processor"]) if "processor" in fam else \
-        getattr(transformers, AutoConfig.for_model(model_type).__class__.__name__.replace("Config", "Processor"))
+    processor_class = image_only(fam["processor"]) if fam.get("image_only") else getattr(transformers, fam["processor"])
     processor = processor_class(image_processor=getattr(transformers, name)(**kwargs), tokenizer=tokenizer,
                                 chat_template=CHAT_TEMPLATE.replace("<image>\n", recipe["image"]),
                                 **recipe.get("processor", {}))
@@ -585,8 +578,8 @@ def load_vlm(path, device, dtype):
 
 def load_processor(path, model_type):
     """The family's processor, image-only where the stock one needs a video processor (torchvision)."""
-    name = FAMILIES.get(model_type, {}).get("processor")
-    processor = (image_only(name) if name else AutoProcessor).from_pretrained(path)
+    fam = FAMILIES.get(model_type, {})
+    processor = (image_only(fam["processor"]) if fam.get("image_only") else AutoProcessor).from_pretrained(path)
     if not hasattr(processor, "image_processor"):  # AutoProcessor gives a bare tokenizer, silently, then
         raise LoadError(f"no image processor that AutoProcessor can load (it gave a {type(processor).__name__}); "
                         f"model_type {model_type!r} may need an entry in FAMILIES")
@@ -619,8 +612,8 @@ def chat_texts(processor, prompts):
 
 def placeholder_ids(model):
     """The tokens that stand for image (and video) features: never sampled, masked in scoring too."""
-    config = model.config
-    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None)) if i is not None]
+    ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+    return [i for i in ids if i is not None]
 
 
 def generation_config(model, processor, args):
