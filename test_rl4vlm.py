@@ -1465,7 +1465,7 @@ def test_family_lora_and_rl_leave_the_vision_encoder_alone(family_model):
 @pytest.mark.parametrize("arch", ARCHS[1:])  # the tiny LLaVA: test_cli_short_run_writes_metrics_and_model and others
 def test_family_cli_trains_saves_and_loads(arch, tmp_path):
     """--tiny-arch ARCH: SFT steps and a PPO update, saved; then LoRA on that model, saved as an adapter;
-    both load back."""
+    both load back. (The second run calls main() in-process: the same code, without 3 s of imports.)"""
     pytest.importorskip("peft")
     short = ["--task", "numberline", "--sft-batch-size", "2", "--num-updates", "1", "--num-steps", "2",
              "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4", "--micro-batch-size", "2",
@@ -1474,8 +1474,8 @@ def test_family_cli_trains_saves_and_loads(arch, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert len((tmp_path / "full" / "metrics.csv").read_text().splitlines()) == 2
     full = str(tmp_path / "full" / "model")
-    r = _run("--model", full, "--lora", "--lora-rank", "4", "--sft-steps", "1", *short, "--save-dir", str(tmp_path / "lora"))
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert R.main(R.parse_args(["--model", full, "--lora", "--lora-rank", "4", "--sft-steps", "1", *short,
+                                "--save-dir", str(tmp_path / "lora")])) == 0
     model, _, _, meta = R.load_checkpoint(full, "cpu")
     assert model.config.model_type == R.TINY_ARCHS[arch]
     lora, _, _, meta = R.load_checkpoint(str(tmp_path / "lora" / "model"), "cpu")
