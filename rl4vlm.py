@@ -200,7 +200,7 @@ import numpy as np  # noqa: E402  (heavy imports after parsing, see above)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402  (a dependency of transformers)
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: E402
 
 import envs  # noqa: E402
 
@@ -519,7 +519,7 @@ def build_tiny_vlm(size="mini", vocab_size=1024):
 def build_tiny_family(arch, size="mini"):
     """A tiny random-weight model of another family's real architecture (FAMILIES[...]["tiny"]), with
     the tiny LLaVA's BPE and that family's special tokens, and its processor (image-only if need be)."""
-    from transformers import AutoConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     model_type = TINY_ARCHS[arch]
     fam, recipe = FAMILIES[model_type], FAMILIES[model_type]["tiny"]
     bpe = build_tiny_vlm(size)[1].tokenizer
@@ -568,8 +568,8 @@ def load_vlm(path, device, dtype):
     if not (os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
         raise LoadError(f"model folder not found: {path}")
     try:
+        processor = load_processor(path, AutoConfig.from_pretrained(path).model_type)  # fails before the weights load
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-        processor = load_processor(path, model.config.model_type)
     except Exception as e:  # OSError, safetensors and config errors all mean "cannot use this folder"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"cannot load a model from {path}: {first_line}") from None
