@@ -356,6 +356,7 @@ def parse_action(text, action_names):
 #   vision      the vision encoder's module name (frozen in RL; default "vision_tower")
 #   text        the language model's module name (LoRA's targets; default "language_model")
 #   patches     pixel_values is all images' patches in a row; this field (B, 3) counts each one's
+#   refused     why this code cannot train the family: refused in one line rather than wrong numbers
 #   tiny        --tiny-arch's recipe: the tokenizer's extra special tokens, what stands for the image in
 #               the chat template, the image processor, the processor's arguments, and the config's
 #               arguments given (vision width, vision layers, text config, tokenizer)
@@ -424,6 +425,7 @@ FAMILIES = {
             mm_tokens_per_image=16, image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
             boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
             eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>")))},
+    "paligemma": {"refused": "PaliGemma's token_type_ids must be 1 over the answer (0 lets the prompt attend to it)"},
 }
 
 
@@ -579,6 +581,8 @@ def load_vlm(path, device, dtype):
 def load_processor(path, model_type):
     """The family's processor, image-only where the stock one needs a video processor (torchvision)."""
     fam = FAMILIES.get(model_type, {})
+    if "refused" in fam:
+        raise LoadError(f"not supported: {fam['refused']}")
     processor = (image_only(fam["processor"]) if fam.get("image_only") else AutoProcessor).from_pretrained(path)
     if not hasattr(processor, "image_processor"):  # AutoProcessor gives a bare tokenizer, silently, then
         raise LoadError(f"no image processor that AutoProcessor can load (it gave a {type(processor).__name__}); "

@@ -1556,3 +1556,11 @@ def test_a_folder_without_an_image_processor_is_one_clear_line(tiny, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(lines) == 1 and "no image processor" in lines[0] and "Tokenizer" in lines[0], r.stderr
+
+
+def test_a_family_this_code_cannot_train_is_refused_in_one_line(tmp_path):
+    """PaliGemma would need token_type_ids 1 over the answer: refused before anything loads."""
+    from transformers import AutoConfig
+    AutoConfig.for_model("paligemma").save_pretrained(tmp_path)
+    with pytest.raises(R.LoadError, match="not supported: PaliGemma's token_type_ids"):
+        R.load_vlm(str(tmp_path), "cpu", torch.float32)
