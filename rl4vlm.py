@@ -18,7 +18,9 @@ scripts), each on purpose; envs.py lists the environments' own, README.md all of
 - Model: `--model tiny` (the default) builds a small LLaVA-architecture VLM from configs, with a
   tokenizer trained on the task texts: the method runs on a laptop CPU with nothing downloaded. It
   starts from random weights, so it is fully fine-tuned, and its SFT warm start is made on the fly
-  by the environments' experts instead of the paper's fixed data set.
+  by the environments' experts instead of the paper's fixed data set. `--tiny-arch` builds a tiny
+  copy of another family's architecture instead (LLaVA-NeXT, Qwen2/2.5/3-VL, Idefics3, Gemma 3), and
+  `--model` takes a real checkpoint of any of them (FAMILIES holds all that differs between them).
 - SFT demonstrations: thoughts describe the true state and how its numbers relate ("the target 5 is
   larger", "2 * 6 makes 12") without naming the next action; actions are the expert's only with
   probability --sft-expert-prob, else uniformly random. SFT teaches reading, relating and the
@@ -62,6 +64,7 @@ Run:
     python rl4vlm.py --task numberline                   # SFT warm start + PPO, tiny model, CPU
     python rl4vlm.py --task blackjack --no-cot           # the paper's CoT ablation
     python rl4vlm.py --model llava-hf/llava-v1.6-mistral-7b-hf --lora --sft-steps 0   # the paper's backbone, GPU
+    python rl4vlm.py --tiny-arch qwen2.5-vl              # the same method on a tiny Qwen2.5-VL, CPU
     python rl4vlm.py --load runs/numberline-s1/model --num-updates 0 --eval-episodes 500
 """
 
@@ -87,6 +90,8 @@ import weakref
 # Arguments. Parsed before torch and transformers are imported, so `--help` answers at once.
 
 TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS holds the gym ids
+TINY_ARCHS = {"llava": "llava", "llava-next": "llava_next", "qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl",
+              "qwen3-vl": "qwen3_vl", "idefics3": "idefics3", "gemma3": "gemma3"}  # -> model_type in FAMILIES
 
 
 def checked(kind, ok, what):
@@ -120,13 +125,16 @@ def make_parser():
     g.add_argument("--seed", type=nonneg_int, default=1, help="seeds torch, python and the training episodes")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="'tiny' builds a small LLaVA-architecture VLM offline; else a "
-                   "folder or hub id of a LLaVA-family checkpoint (llava-hf LLaVA-1.5 / 1.6 style)")
+    g.add_argument("--model", default="tiny", help="'tiny' builds a small random-weight VLM offline (--tiny-arch); "
+                   "else a folder or hub id of any checkpoint AutoModelForImageTextToText loads (LLaVA, LLaVA-NeXT, "
+                   "Qwen2/2.5/3-VL, Idefics3/SmolVLM, Gemma 3, ...)")
     g.add_argument("--load", default=None, help="resume from (or evaluate) a folder written by --save-dir")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model (needs peft)")
     g.add_argument("--lora-rank", type=positive_int, default=128, help="LoRA rank r (alpha = 2r)")
     g.add_argument("--tiny-size", default="mini", choices=["mini", "small", "base"],
                    help="size of the tiny model: mini 0.6M, small 3.4M, base 7.3M parameters")
+    g.add_argument("--tiny-arch", default="llava", choices=list(TINY_ARCHS),
+                   help="architecture of the tiny model: the paper's LLaVA, or a tiny copy of another family's")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     g = p.add_argument_group("generation")
@@ -192,7 +200,7 @@ import numpy as np  # noqa: E402  (heavy imports after parsing, see above)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402  (a dependency of transformers)
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig  # noqa: E402
 
 import envs  # noqa: E402
 
@@ -338,8 +346,103 @@ def parse_action(text, action_names):
 
 
 # ----------------------------------------------------------------------------------------------
-# The model: a tiny LLaVA built from configs (offline), or a real LLaVA-family checkpoint.
-# Both go through the same transformers classes: processor, generate, forward, save/from_pretrained.
+# The model: a tiny LLaVA built from configs (offline), or a real checkpoint of any VLM family.
+# All go through the same transformers classes: processor, generate, forward, save/from_pretrained.
+
+# What differs between VLM families, all of it: one entry per model_type; a model_type not listed
+# gets the defaults, which are LLaVA's. The rest of the file is one code path.
+#   processor   its processor class (the tiny model's)
+#   image_only  that class wants a video processor, which needs torchvision: use it image-only
+#   vision      the vision encoder's module name (frozen in RL; default "vision_tower")
+#   text        the language model's module name (LoRA's targets; default "language_model")
+#   patches     pixel_values is all images' patches in a row; this field (B, 3) counts each one's
+#   refused     why this code cannot train the family: refused in one line rather than wrong numbers
+#   tiny        --tiny-arch's recipe: the tokenizer's extra special tokens, what stands for the image in
+#               the chat template, the image processor, the processor's arguments, and the config's
+#               arguments given (vision width, vision layers, text config, tokenizer)
+def _llama(t):  # a Llama text config, for the families whose language model is one
+    return {**t, "model_type": "llama"}
+
+
+def _qwen(t, tok, **extra):  # Qwen's 3-D RoPE splits half of each head's dimensions over (time, h, w)
+    half = t["hidden_size"] // t["num_attention_heads"] // 2
+    rope = {"rope_type": "default", "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]}
+    return dict(text_config={**t, "rope_parameters": rope, **extra},
+                **{k + "_id": tok.convert_tokens_to_ids(v) for k, v in QWEN["tokens"].items()})
+
+
+CLIP = {"model_type": "clip_vision_model", "num_attention_heads": 4, "image_size": 112, "patch_size": 14}
+QWEN = dict(tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token":
+                    "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+            image="<|vision_start|><|image_pad|><|vision_end|>", processor={},  # 112 px: 8x8 patches, 16 tokens
+            image_processor=("Qwen2VLImageProcessorPil", dict(size={"shortest_edge": 112 * 112, "longest_edge":
+                                                                     112 * 112}, patch_size=14, merge_size=2)))
+FAMILIES = {
+    "llava": {},  # its tiny model is build_tiny_vlm's
+    "llava_next": {"processor": "LlavaNextProcessor", "tiny": dict(
+        tokens={"image_token": "<image>"}, image="<image>\n",
+        image_processor=("LlavaNextImageProcessorPil", dict(size={"shortest_edge": 112}, image_grid_pinpoints=[[112, 112]],
+                                                           crop_size={"height": 112, "width": 112})),
+        processor=dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1),
+        config=lambda w, n, t, tok: dict(
+            vision_config={**CLIP, "hidden_size": w, "intermediate_size": 2 * w, "num_hidden_layers": n},
+            text_config=_llama(t), image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=64,
+            image_grid_pinpoints=[[112, 112]], vision_feature_layer=-1, vision_feature_select_strategy="default"))},
+    "qwen2_vl": {"processor": "Qwen2VLProcessor", "image_only": True, "vision": "visual", "patches": "image_grid_thw",
+                 "tiny": dict(QWEN, config=lambda w, n, t, tok: dict(
+                     vision_config=dict(depth=n, embed_dim=w, hidden_size=t["hidden_size"], num_heads=4),
+                     **_qwen(t, tok)))},
+    "qwen2_5_vl": {"processor": "Qwen2_5_VLProcessor", "image_only": True, "vision": "visual",
+                   "patches": "image_grid_thw", "tiny": dict(QWEN, config=lambda w, n, t, tok: dict(
+                       vision_config=dict(depth=n, hidden_size=w, intermediate_size=2 * w, num_heads=4,
+                                          out_hidden_size=t["hidden_size"], fullatt_block_indexes=[n - 1]),
+                       **_qwen(t, tok)))},
+    "qwen3_vl": {"processor": "Qwen3VLProcessor", "image_only": True, "vision": "visual", "patches": "image_grid_thw",
+                 "tiny": dict(QWEN, image_processor=("Qwen2VLImageProcessorPil", dict(  # 128 px: 16 tokens
+                     size={"shortest_edge": 128 * 128, "longest_edge": 128 * 128}, patch_size=16, merge_size=2)),
+                     config=lambda w, n, t, tok: dict(
+                         vision_config=dict(depth=n, hidden_size=w, intermediate_size=2 * w, num_heads=4, patch_size=16,
+                                            out_hidden_size=t["hidden_size"], num_position_embeddings=64,
+                                            deepstack_visual_indexes=[0]),
+                         **_qwen(t, tok, head_dim=t["hidden_size"] // t["num_attention_heads"])))},
+    "idefics3": {"processor": "Idefics3Processor", "vision": "vision_model", "text": "text_model", "tiny": dict(
+        tokens={"image_token": "<image>"}, image="<image>",  # the SmolVLM (v1) checkpoints are Idefics3 too
+        image_processor=("Idefics3ImageProcessorPil", dict(size={"longest_edge": 112}, do_image_splitting=False,
+                                                          max_image_size={"longest_edge": 112})),
+        processor=dict(image_seq_len=16),  # 8x8 patches, pixel-shuffled by scale_factor 2
+        config=lambda w, n, t, tok: dict(
+            vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n, num_attention_heads=4,
+                               image_size=112, patch_size=14),
+            text_config=_llama(t), image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2))},
+    "gemma3": {"processor": "Gemma3Processor", "tiny": dict(
+        tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        image="<start_of_image>", image_processor=("Gemma3ImageProcessorPil", dict(size={"height": 112, "width": 112})),
+        processor=dict(image_seq_length=16),  # 8x8 patches, pooled to 4x4
+        config=lambda w, n, t, tok: dict(
+            vision_config={**CLIP, "model_type": "siglip_vision_model", "hidden_size": w,
+                           "intermediate_size": 2 * w, "num_hidden_layers": n},
+            text_config={**t, "model_type": "gemma3_text", "head_dim": t["hidden_size"] // t["num_attention_heads"]},
+            mm_tokens_per_image=16, image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+            boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+            eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>")))},
+    "paligemma": {"refused": "PaliGemma's token_type_ids must be 1 over the answer (0 lets the prompt attend to it)"},
+}
+
+
+def family(model):
+    return FAMILIES.get(model.config.model_type, {})
+
+
+def image_only(name):
+    """The stock processor class `name` without its video processor (which needs torchvision, and
+    the method shows images only). It keeps the stock name, so a saved folder has the layout of a
+    real checkpoint; load_processor() reads such folders back through this class."""
+    stock = getattr(transformers, name)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        stock.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    return type(name, (stock,), {"__init__": __init__, "__module__": __name__})
+
 
 CHAT_TEMPLATE = (  # LLaVA-1.5's conversation format: "USER: <image>\n{prompt} ASSISTANT:"
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: "
@@ -415,6 +518,33 @@ def build_tiny_vlm(size="mini", vocab_size=1024):
     return model, processor
 
 
+def build_tiny_family(arch, size="mini"):
+    """A tiny random-weight model of another family's real architecture (FAMILIES[...]["tiny"]), with
+    the tiny LLaVA's BPE and that family's special tokens, and its processor (image-only if need be)."""
+    from transformers import PreTrainedTokenizerFast
+    model_type = TINY_ARCHS[arch]
+    fam, recipe = FAMILIES[model_type], FAMILIES[model_type]["tiny"]
+    bpe = build_tiny_vlm(size)[1].tokenizer
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=copy.deepcopy(bpe.backend_tokenizer), pad_token=bpe.pad_token,
+                                        bos_token=bpe.bos_token, eos_token=bpe.eos_token, padding_side="left",
+                                        extra_special_tokens=recipe["tokens"])
+    name, kwargs = recipe["image_processor"]
+    processor_class = image_only(fam["processor"]) if fam.get("image_only") else getattr(transformers, fam["processor"])
+    processor = processor_class(image_processor=getattr(transformers, name)(**kwargs), tokenizer=tokenizer,
+                                chat_template=CHAT_TEMPLATE.replace("<image>\n", recipe["image"]),
+                                **recipe.get("processor", {}))
+    vw, vl, tw, tl = TINY_SIZES[size]
+    text = dict(hidden_size=tw, intermediate_size=2 * tw, num_hidden_layers=tl, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, **recipe["config"](vw, vl, text, tokenizer))
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, processor
+
+
 def make_value_head(hidden_size):
     """The value head (paper Sec. 4.2: an MLP; its widths are the official code's, hidden -> 1024 -> 512
     -> 1) on the VLM's last-layer hidden state at the last prompt token."""
@@ -440,13 +570,25 @@ def load_vlm(path, device, dtype):
     if not (os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
         raise LoadError(f"model folder not found: {path}")
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path, AutoConfig.from_pretrained(path).model_type)  # fails before the weights load
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     except Exception as e:  # OSError, safetensors and config errors all mean "cannot use this folder"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"cannot load a model from {path}: {first_line}") from None
-    processor.tokenizer.padding_side = "left"
     return model, processor
+
+
+def load_processor(path, model_type):
+    """The family's processor, image-only where the stock one needs a video processor (torchvision)."""
+    fam = FAMILIES.get(model_type, {})
+    if "refused" in fam:
+        raise LoadError(f"not supported: {fam['refused']}")
+    processor = (image_only(fam["processor"]) if fam.get("image_only") else AutoProcessor).from_pretrained(path)
+    if not hasattr(processor, "image_processor"):  # AutoProcessor gives a bare tokenizer, silently, then
+        raise LoadError(f"no image processor that AutoProcessor can load (it gave a {type(processor).__name__}); "
+                        f"model_type {model_type!r} may need an entry in FAMILIES")
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
 def add_lora(model, rank):
@@ -456,7 +598,8 @@ def add_lora(model, rank):
         sys.exit("rl4vlm.py: error: --lora needs peft: pip install peft")
     # Only the language model's projections: CLIP's attention has q/k/v_proj too, and the paper
     # keeps the vision tower frozen.
-    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    text = family(model).get("text", "language_model")
+    targets = rf".*{text}.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
     # No dropout: PPO's first ratio must be exactly 1, which it is not if training mode drops units.
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     return peft.get_peft_model(model, config)
@@ -471,15 +614,21 @@ def chat_texts(processor, prompts):
     return [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
 
 
+def placeholder_ids(model):
+    """The tokens that stand for image (and video) features: never sampled, masked in scoring too."""
+    ids = (getattr(model.config, "image_token_id", None), getattr(model.config, "video_token_id", None))
+    return [i for i in ids if i is not None]
+
+
 def generation_config(model, processor, args):
     tok = processor.tokenizer
-    image_id = model.config.image_token_id
     # Plain sampling from softmax(logits / T): no top-k/top-p, so the log-probs we score are exactly
     # the ones we sampled from. The image token is suppressed (a later forward would take a sampled
     # one for an image slot), and scoring masks it the same way.
     return GenerationConfig(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                            max_new_tokens=args.max_new_tokens, suppress_tokens=[image_id],
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                            max_new_tokens=args.max_new_tokens, suppress_tokens=placeholder_ids(model),
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            return_dict_in_generate=True)
 
 
 @torch.no_grad()
@@ -492,13 +641,15 @@ def generate(model, inputs, gen_config, for_ppo=True):
     Evaluation needs only the text (for_ppo=False: both None), so it does not keep the logits and the
     hidden states of every layer (for a 7B model about 1.5 GB at 8 prompts).
     """
-    extra = {"output_logits": True, "output_hidden_states": True} if for_ppo else {}
-    out = model.generate(**inputs, generation_config=gen_config, return_dict_in_generate=True, **extra)
+    if for_ppo:  # in the config, not as arguments beside it (transformers warns about mixing the two)
+        gen_config = copy.deepcopy(gen_config)
+        gen_config.output_logits = gen_config.output_hidden_states = True
+    out = model.generate(**inputs, generation_config=gen_config)
     new = out.sequences[:, inputs["input_ids"].shape[1]:]  # (B, R)
     token_logp = hidden = None
     if for_ppo:
         logits = torch.stack(out.logits, 1).float() / gen_config.temperature  # (B, R, V), raw logits / T
-        logits[..., model.config.image_token_id] = -1e9  # suppressed in sampling, masked so in scoring too
+        logits[..., placeholder_ids(model)] = -1e9  # suppressed in sampling, masked so in scoring too
         token_logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0].cpu()  # (B, R)
         hidden = out.hidden_states[0][-1][:, -1]  # the prefill pass, last layer, last (left-padded) prompt token
     responses = []
@@ -542,10 +693,11 @@ def action_start(tokenizer, response_ids):
 
 
 def make_sample(inputs, row, response_ids, tokenizer):
-    """One step's context, exactly as the model saw it: unpadded prompt ids, image tensors, answer."""
-    mask = inputs["attention_mask"][row].bool().cpu()
-    return {"prompt_ids": inputs["input_ids"][row].cpu()[mask],
-            "image": {k: v[row].cpu() for k, v in inputs.items() if k not in ("input_ids", "attention_mask")},
+    """One step's context, exactly as the model saw it: unpadded prompt ids and the other fields aligned
+    with them (Qwen's mm_token_type_ids, Gemma's token_type_ids), image tensors, answer."""
+    (text, image), = split_rows(inputs, inputs["attention_mask"].bool(), [row])
+    text, image = ({k: v.cpu() for k, v in d.items() if k != "attention_mask"} for d in (text, image))
+    return {"prompt_ids": text.pop("input_ids"), "text": text, "image": image,
             "response_ids": response_ids, "action_start": action_start(tokenizer, response_ids)}
 
 
@@ -574,8 +726,11 @@ def collate(samples, pad_id, device):
         attention_mask[i, P - p:P + r] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask,
              "thought_mask": thought_mask, "action_mask": action_mask}
-    for k in samples[0]["image"]:
-        batch[k] = torch.stack([s["image"][k] for s in samples])
+    for k in samples[0]["text"]:  # 0 on padding and over the answer (text, not image)
+        batch[k] = torch.zeros((B, P + R), dtype=samples[0]["text"][k].dtype)
+        for i, s in enumerate(samples):
+            batch[k][i, P - len(s["prompt_ids"]):P] = s["text"][k]
+    batch.update(join_rows([s["image"] for s in samples]))
     return {k: v.to(device) for k, v in batch.items()}, P, R
 
 
@@ -583,12 +738,12 @@ def token_logprobs(model, batch, P, R, temperature):
     """-> log-softmax over the vocabulary at every answer position (B, R, V) and the hidden state at
     the last prompt token (B, H)."""
     inputs = {k: v for k, v in batch.items() if k not in ("thought_mask", "action_mask")}
-    # Positions count real tokens only, as in generate; the default arange would shift left-padded rows.
-    position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    out = model(**inputs, position_ids=position_ids, output_hidden_states=True, logits_to_keep=R + 1)
+    # No position ids: the model makes its own from the mask (Qwen's 3-D ones from the image grid too;
+    # hand-made 1-D ones are silently wrong there). A left-padded row's shift changes no RoPE score.
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=R + 1)
     logits = out.logits[:, :-1].float() / temperature  # (B, R, V): column j predicts answer token j
     # Suppressed in generate too; a finite floor keeps the KL below free of inf - inf.
-    logits[..., model.config.image_token_id] = -1e9
+    logits[..., placeholder_ids(model)] = -1e9
     hidden = out.hidden_states[-1][:, P - 1]  # (B, H)
     return torch.log_softmax(logits, dim=-1), hidden
 
@@ -987,10 +1142,7 @@ def main(args):
             results["start"] = start = evaluate(model, processor, args, device, args.eval_episodes)
             log(f"eval before RL: success {start['success']:.3f} | return {start['return']:.3f} | "
                 f"invalid {start['invalid']:.3f} | {start['episodes']} episodes")
-        # RL trains the language model, the projector and the value head; the vision tower keeps SFT's reading
-        for name, p in model.named_parameters():
-            if "vision_tower" in name:
-                p.requires_grad_(False)
+        freeze_vision(model)
         params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
         optimizer = torch.optim.Adam(params, lr=args.lr, eps=1e-5)
         ref_model = make_reference(model) if args.kl_coef and args.num_updates else None  # for --kl-coef
@@ -1030,7 +1182,8 @@ def build_agent(args, device):
         if loaded.get("task") != args.task or loaded.get("cot") == args.no_cot:
             log(f"note: {args.load} was trained on {loaded.get('task')} (cot={loaded.get('cot')})")
     elif args.model == "tiny":
-        model, processor = build_tiny_vlm(args.tiny_size)
+        model, processor = (build_tiny_vlm(args.tiny_size) if args.tiny_arch == "llava"
+                            else build_tiny_family(args.tiny_arch, args.tiny_size))
         model.to(device)
     else:
         model, processor = load_vlm(args.model, device, model_dtype(args.model, device))
@@ -1043,6 +1196,15 @@ def build_agent(args, device):
     log(f"model: {args.load or args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
         f"on {device}; task {args.task}, {'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
     return model, processor, value_head, base_model
+
+
+def freeze_vision(model):
+    """RL trains the language model, the projector and the value head; the vision encoder keeps SFT's
+    reading (Qwen's projector, `visual.merger`, is part of its encoder and stays frozen with it)."""
+    vision = family(model).get("vision", "vision_tower")  # Qwen: visual, Idefics3: vision_model
+    for name, p in model.named_parameters():
+        if vision in name.split("."):
+            p.requires_grad_(False)
 
 
 PHASES = ["prompt", "generate", "score", "env", "update"]  # where an update's time goes
@@ -1112,11 +1274,9 @@ def process(processor, prompts, images, device):
             store.clear()
             new = dict(zip(keys, images))
         inputs = processor(text=chat_texts(processor, [p for p, _ in new]),
-                           images=[Image.fromarray(im) for im in new.values()], padding=True, return_tensors="pt")
-        real = inputs["attention_mask"].bool()  # (B, P)
-        for i, k in enumerate(new):  # text fields (B, P) without their padding; image fields whole
-            store[k] = ({name: v[i][real[i]] for name, v in inputs.items() if v.shape == real.shape},
-                        {name: v[i] for name, v in inputs.items() if v.shape != real.shape})
+                           images=[[Image.fromarray(im)] for im in new.values()], padding=True, return_tensors="pt")
+        inputs.pop("labels", None)  # PaliGemma's processor adds them; the model would compute a loss
+        store.update(zip(new, split_rows(inputs, inputs["attention_mask"].bool(), range(len(new)))))
     texts, pictures = zip(*(store[k] for k in keys))
     P = max(len(t["input_ids"]) for t in texts)
     batch = {}
@@ -1125,9 +1285,40 @@ def process(processor, prompts, images, device):
         batch[name] = torch.full((len(texts), P), pad, dtype=texts[0][name].dtype)
         for i, t in enumerate(texts):
             batch[name][i, P - len(t[name]):] = t[name]
-    for name in pictures[0]:
-        batch[name] = torch.stack([pic[name] for pic in pictures])  # e.g. pixel values (B, 3, H, W)
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in {**batch, **join_rows(pictures)}.items()}
+
+
+PATCH_FIELDS = {f["patches"] for f in FAMILIES.values() if "patches" in f}  # image_grid_thw
+
+
+def split_rows(inputs, real, rows):
+    """Batched inputs -> for each row in rows, (its text fields without padding, its image fields).
+
+    Text fields are the (B, P) ones (ids, mask, mm_token_type_ids, ...), cut to real (B, P).
+    Image fields keep a leading dimension, so that join_rows() is torch.cat for every family: one
+    row of a per-image field (pixel values (B, 3, H, W), image_sizes, pixel_attention_mask), or for
+    Qwen-style inputs the row's own patches of pixel values (all images' patches, (sum of patches, D)),
+    as many as the grid field (B, 3) says."""
+    shape = inputs["input_ids"].shape
+    grid = next((inputs[k] for k in PATCH_FIELDS if k in inputs), None)
+    ends = None if grid is None else grid.prod(-1).cumsum(0)
+    out = []
+    for i in rows:
+        text, image = {}, {}
+        for k, v in inputs.items():
+            if v.shape == shape:
+                text[k] = v[i][real[i]]
+            elif grid is not None and k not in PATCH_FIELDS and len(v) == ends[-1]:  # one row per patch
+                image[k] = v[ends[i] - grid[i].prod():ends[i]]
+            else:
+                image[k] = v[i:i + 1]
+        out.append((text, image))
+    return out
+
+
+def join_rows(images):
+    """The inverse of split_rows for image fields: one batch of the rows' image tensors."""
+    return {k: torch.cat([im[k] for im in images]) for k in images[0]}
 
 
 def make_timer():
@@ -1178,8 +1369,7 @@ def load_checkpoint(path, device):
         model, _ = load_vlm(meta["base_model"], device, dtype)
         import peft
         model = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
-        processor = AutoProcessor.from_pretrained(path)
-        processor.tokenizer.padding_side = "left"
+        processor = load_processor(path, model.config.model_type)
     else:
         model, processor = load_vlm(path, device, dtype)
     return model, processor, value_state, meta

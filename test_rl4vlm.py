@@ -1,7 +1,8 @@
 """Tests for the RL4VLM reference implementation: run `python -m pytest -q test_rl4vlm.py`.
 
 Everything runs on a CPU with nothing downloaded: the environments, and a tiny LLaVA-architecture
-model built from configs by rl4vlm.py. The whole file takes a few minutes on two cores.
+model built from configs by rl4vlm.py, and a tiny copy of each other supported VLM family. The whole
+file takes a few minutes on two cores.
 """
 import copy
 import json
@@ -825,7 +826,7 @@ def test_scaled_logprob_matches_hand_computation(tiny):
     for i, s in enumerate(samples):
         ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
         with torch.no_grad():
-            out = model(input_ids=ids, pixel_values=s["image"]["pixel_values"][None], output_hidden_states=True)
+            out = model(input_ids=ids, **s["image"], output_hidden_states=True)
         logits = out.logits[0].clone()
         logits[:, model.config.image_token_id] = float("-inf")
         logp = torch.log_softmax(logits / T, -1)
@@ -877,7 +878,7 @@ def test_generate_and_scoring_see_the_same_context(tiny):
         # every greedy token has the largest log-prob; compare with the logsumexp bound log p <= 0
         ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
         with torch.no_grad():
-            logits = model(input_ids=ids, pixel_values=s["image"]["pixel_values"][None]).logits[0]
+            logits = model(input_ids=ids, **s["image"]).logits[0]
         logits[:, model.config.image_token_id] = float("-inf")
         best = torch.log_softmax(logits, -1)[len(s["prompt_ids"]) - 1:-1].max(-1).values[:n]
         assert torch.allclose(greedy_lp, best, atol=1e-4)
@@ -1000,7 +1001,7 @@ def test_kl_to_the_reference_policy(tiny):
             p, n = len(s["prompt_ids"]), len(s["response_ids"])
             dists = []
             for m in (model, ref):
-                logits = m(input_ids=ids, pixel_values=s["image"]["pixel_values"][None]).logits[0, p - 1:p - 1 + n]
+                logits = m(input_ids=ids, **s["image"]).logits[0, p - 1:p - 1 + n]
                 logits[:, model.config.image_token_id] = float("-inf")
                 dists.append(torch.distributions.Categorical(logits=logits / 0.2))
             expected = torch.distributions.kl_divergence(*dists).mean()
@@ -1225,6 +1226,7 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     (["--load", "/no/such/folder"], "--load folder not found"),
     (["--lora"], "--lora needs a base model saved on disk"),  # the random tiny base could not be reloaded
     (["--seed", "-1"], "must be zero or more"),
+    (["--tiny-arch", "llama4"], "invalid choice: 'llama4'"),
 ])
 def test_cli_bad_input_is_one_clear_line(argv, message, tmp_path):
     r = _run(*argv, "--save-dir", str(tmp_path / "x"), timeout=120)
@@ -1349,8 +1351,8 @@ def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     model.eval()
     samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
-    assert samples[0]["image"]["pixel_values"].shape == (5, 3, 112, 112)  # 4 tiles + the base image
-    assert samples[0]["image"]["image_sizes"].tolist() == [224, 224]
+    assert samples[0]["image"]["pixel_values"].shape == (1, 5, 3, 112, 112)  # 4 tiles + the base image
+    assert samples[0]["image"]["image_sizes"].tolist() == [[224, 224]]
     _assert_batched_equals_single(model, processor, samples)
 
 
@@ -1373,3 +1375,192 @@ def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
     assert meta["lora"] is True and meta["base_model"] == str(base)
     trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+# --- rl4vlm.py: every VLM family through one code path, each on a tiny random-weight copy
+
+ARCHS = list(R.TINY_ARCHS)  # llava, llava-next, qwen2-vl, qwen2.5-vl, qwen3-vl, idefics3, gemma3
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def family_model(request):
+    torch.manual_seed(0)
+    arch = request.param
+    model, processor = R.build_tiny_vlm("mini") if arch == "llava" else R.build_tiny_family(arch, "mini")
+    assert model.config.model_type == R.TINY_ARCHS[arch]
+    return model.eval(), processor
+
+
+def test_family_batched_scoring_equals_one_at_a_time(family_model):
+    """Each family's own image layout (Qwen's concatenated patches and grid, LLaVA-NeXT's tiles and
+    image sizes, Idefics3's pixel mask, Gemma's token types) is cut per sample and joined again."""
+    model, processor = family_model
+    samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
+    image = samples[0]["image"]
+    rows = int(image["image_grid_thw"].prod()) if "image_grid_thw" in image else 1  # Qwen: the sample's patches
+    assert all(len(v) == (rows if k == "pixel_values" else 1) for k, v in image.items())
+    _assert_batched_equals_single(model, processor, samples)
+
+
+def test_family_rollout_logprobs_and_values_equal_scoring(family_model):
+    """The rollout's old log pi and V(s) from generate equal the scoring forward's: the model's own
+    positions (Qwen's 3-D RoPE: the hand-made 1-D positions this code passed before were off by up to
+    1.2e-2 per token on the tiny Qwen2.5-VL and 0.36 on the tiny Qwen3-VL; this test failed for all three Qwens)."""
+    model, processor = family_model
+    vh = R.make_value_head(R.text_hidden_size(model))
+    pool = R.EnvPool("ezpoints", range(3, 6))
+    for i, env in enumerate(pool.envs):  # formulas of different lengths: a left-padded batch
+        for _ in range(i):
+            pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1
+    torch.manual_seed(0)
+    responses, token_logp, hidden = R.generate(model, inputs, R.generation_config(
+        model, processor, R.parse_args(["--max-new-tokens", "12", "--temperature", "0.7"])))
+    samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
+    with torch.no_grad():
+        from_generate = R.lambda_log_pi(token_logp, *R.answer_masks(samples, token_logp.shape[1]), 0.5)
+        log_pi, value, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.7, 0.5)
+        assert torch.allclose(vh(hidden)[:, 0], value, atol=1e-5)
+    assert (from_generate - log_pi).abs().max() < 1e-4 and (from_generate < -1).all()
+
+
+def test_family_save_then_load_gives_the_same_logits(family_model, tmp_path):
+    """save() then load_checkpoint(): the same processor inputs and identical scores; the folder has a real
+    checkpoint's layout (the stock processor class's name, also for an image-only processor)."""
+    model, processor = family_model
+    vh = R.make_value_head(R.text_hidden_size(model))
+    R.save(model, processor, vh, str(tmp_path / "m"), {"base_model": "tiny"})
+    saved = json.loads((tmp_path / "m" / "processor_config.json").read_text())["processor_class"]
+    assert saved == type(processor).__name__ and issubclass(type(processor), getattr(__import__("transformers"), saved))
+    loaded, lproc, _, _ = R.load_checkpoint(str(tmp_path / "m"), "cpu")
+    loaded.eval()
+    pool = R.EnvPool("blackjack", range(2))
+    x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
+    assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
+    samples = _samples(model, processor, n=2, seed=4, max_new_tokens=6)
+    with torch.no_grad():
+        a = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        b = R.score(loaded, vh, *R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_family_lora_and_rl_leave_the_vision_encoder_alone(family_model):
+    """LoRA wraps the language model's projections only; RL freezes exactly the vision encoder
+    (CLIP/SigLIP towers, Qwen's `visual`, Idefics3's `vision_model`), nothing of the language model."""
+    peft = pytest.importorskip("peft")
+    model = copy.deepcopy(family_model[0])
+    R.freeze_vision(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    vision = {n for n, _ in model.named_parameters() if re.search(r"vision|visual", n)}
+    assert frozen and frozen == vision
+    wrapped = R.add_lora(copy.deepcopy(family_model[0]), rank=4)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * model.config.get_text_config().num_hidden_layers  # A and B, 7 projections
+    assert all("lora_" in n and not re.search(r"vision|visual", n) for n in trainable)
+    assert isinstance(wrapped, peft.PeftModel)
+
+
+@pytest.mark.parametrize("arch", ARCHS[1:])  # the tiny LLaVA: test_cli_short_run_writes_metrics_and_model and others
+def test_family_cli_trains_saves_and_loads(arch, tmp_path):
+    """--tiny-arch ARCH: SFT steps and a PPO update, saved; then LoRA on that model, saved as an adapter;
+    both load back. (The second run calls main() in-process: the same code, without 3 s of imports.)"""
+    pytest.importorskip("peft")
+    short = ["--task", "numberline", "--sft-batch-size", "2", "--num-updates", "1", "--num-steps", "2",
+             "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4", "--micro-batch-size", "2",
+             "--eval-episodes", "0"]
+    r = _run("--tiny-arch", arch, "--sft-steps", "2", *short, "--save-dir", str(tmp_path / "full"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len((tmp_path / "full" / "metrics.csv").read_text().splitlines()) == 2
+    full = str(tmp_path / "full" / "model")
+    assert R.main(R.parse_args(["--model", full, "--lora", "--lora-rank", "4", "--sft-steps", "1", *short,
+                                "--save-dir", str(tmp_path / "lora")])) == 0
+    model, _, _, meta = R.load_checkpoint(full, "cpu")
+    assert model.config.model_type == R.TINY_ARCHS[arch]
+    lora, _, _, meta = R.load_checkpoint(str(tmp_path / "lora" / "model"), "cpu")
+    assert meta["lora"] and meta["base_model"] == full and lora.config.model_type == R.TINY_ARCHS[arch]
+    changed = [n for n, p in lora.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert changed  # LoRA's B starts at zero: SFT and PPO trained the adapter
+
+
+def _qwen_checkpoint_folder(path):
+    """A folder in Qwen/Qwen2.5-VL-3B-Instruct's layout: config.json, preprocessor_config.json naming
+    Qwen2_5_VLProcessor and Qwen2VLImageProcessor (min/max pixels), chat_template.json, and a byte-level
+    BPE trained on text unrelated to the tasks (Python's module docstrings) with Qwen's special tokens,
+    no image_token attribute and its chat format. Tiny random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+               "<|video_pad|>"]
+    texts = [m.__doc__ for m in (re, json, random, subprocess, os, copy, warnings) if m.__doc__]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=special, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": (
+        "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+        "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+        "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|>"
+        "<|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")}))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 112 * 112, "max_pixels": 112 * 112, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}))
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id)
+    config = AutoConfig.for_model("qwen2_5_vl", **R.FAMILIES["qwen2_5_vl"]["tiny"]["config"](32, 1, text, tok))
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    return tok
+
+
+def test_a_qwen_checkpoint_folder_trains_with_model_path(tmp_path):
+    """--model FOLDER of a real Qwen2.5-VL checkpoint's layout loads image-only (no torchvision here),
+    prompts in Qwen's chat format, and trains (SFT, a PPO update), saves and loads back."""
+    folder = tmp_path / "Qwen2.5-VL-tiny"
+    folder.mkdir()
+    tok = _qwen_checkpoint_folder(folder)
+    assert not (folder / "processor_config.json").exists()
+    model, processor = R.load_vlm(str(folder), "cpu", torch.float32)
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.tokenizer.padding_side == "left"
+    text = R.chat_texts(processor, ["Hi"])[0]
+    assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
+    inputs = R.process(processor, ["Hi"], [envs.make("numberline").reset(seed=0)[0]], "cpu")
+    assert (inputs["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 16  # 112 px, 2x2 merged
+    r = _run("--model", str(folder), "--sft-steps", "2", "--sft-batch-size", "2", "--num-updates", "1",
+             "--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4",
+             "--eval-episodes", "2", "--save-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded, lproc, _, meta = R.load_checkpoint(str(tmp_path / "run" / "model"), "cpu")
+    assert meta["base_model"] == str(folder) and type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert torch.equal(R.process(lproc, ["Hi"], [envs.make("numberline").reset(seed=0)[0]], "cpu")["input_ids"],
+                       inputs["input_ids"])
+
+
+def test_a_folder_without_an_image_processor_is_one_clear_line(tiny, tmp_path):
+    """AutoProcessor silently gives a bare tokenizer for a processor class it does not know (here, as an
+    unregistered image-only subclass would have saved it): one line, not a failure later."""
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    (tmp_path / "processor_config.json").write_text(json.dumps({**saved, "processor_class": "LlavaImageOnlyProcessor"}))
+    r = _run("--model", str(tmp_path), "--num-updates", "0", "--eval-episodes", "0", "--save-dir", str(tmp_path / "x"),
+             timeout=120)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(lines) == 1 and "no image processor" in lines[0] and "Tokenizer" in lines[0], r.stderr
+
+
+def test_a_family_this_code_cannot_train_is_refused_in_one_line(tmp_path):
+    """PaliGemma would need token_type_ids 1 over the answer: refused before anything loads."""
+    from transformers import AutoConfig
+    AutoConfig.for_model("paligemma").save_pretrained(tmp_path)
+    with pytest.raises(R.LoadError, match="not supported: PaliGemma's token_type_ids"):
+        R.load_vlm(str(tmp_path), "cpu", torch.float32)
