@@ -52,8 +52,10 @@ scripts), each on purpose; envs.py lists the environments' own, README.md all of
   10 and skips minibatches with NaN log-probs; ours keeps PPO's min and stops on a non-finite loss.
 - Ours alone: the loss adds --kl-coef times the exact KL to the policy as RL starts, per answer token
   (the usual RLHF term). Without it the tiny model's JSON broke within 10-20 updates in every setting
-  we tried (the "action" value turned into thought text); a 7B model's format is far sturdier. An
-  update also stops early past --target-kl (CleanRL's target_kl), against KL spikes.
+  we tried (the "action" value turned into thought text); a 7B model's format is far sturdier. Its
+  weight is small (1) because the SFT policy's actions are random on purpose: the KL also pulls every
+  action toward a coin flip (at 3 the right NumberLine move settled near 98%, and one wrong move loses
+  an episode). An update also stops early past --target-kl (CleanRL's target_kl), against KL spikes.
 - GAE bootstraps through NumberLine's time limit from V of the last observation; the official runs
   treat every episode end as terminal. gamma 0.9, gae_lambda 0.95, clip 0.1 (ratio and value),
   vf_coef 0.5, temperature 0.2 and thought_coef 0.5 are the paper's and the official's.
@@ -73,6 +75,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -132,7 +135,7 @@ def make_parser():
     g.add_argument("--lora", action="store_true", help="train LoRA adapters on the language model (needs peft)")
     g.add_argument("--lora-rank", type=positive_int, default=128, help="LoRA rank r (alpha = 2r)")
     g.add_argument("--tiny-size", default="mini", choices=["mini", "small", "base"],
-                   help="size of the tiny model: mini 0.6M, small 3.4M, base 7.3M parameters")
+                   help="size of the tiny model: mini 0.7M, small 3.5M, base 7.6M parameters (LLaVA)")
     g.add_argument("--tiny-arch", default="llava", choices=list(TINY_ARCHS),
                    help="architecture of the tiny model: the paper's LLaVA, or a tiny copy of another family's")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -144,7 +147,7 @@ def make_parser():
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
-                   help="SFT steps before RL (default: 1500 for the tiny model, 0 with --load or --model PATH)")
+                   help="SFT steps before RL (default: 1300 for the tiny model, 0 with --load or --model PATH)")
     g.add_argument("--sft-batch-size", type=positive_int, default=32, help="demonstrations per SFT step")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=0.0,
@@ -165,7 +168,7 @@ def make_parser():
     g.add_argument("--micro-batch-size", type=positive_int, default=32, help="samples per forward (accumulated)")
     g.add_argument("--target-kl", type=positive_float, default=0.02, help="stop an update once a minibatch's "
                    "approximate KL exceeds this, against KL spikes that break the format (not in the paper)")
-    g.add_argument("--kl-coef", type=nonneg_float, default=3.0, help="weight of KL(pi || pi_SFT) per answer token, "
+    g.add_argument("--kl-coef", type=nonneg_float, default=1.0, help="weight of KL(pi || pi_SFT) per answer token, "
                    "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper")
     g.add_argument("--thought-coef", type=unit_float, default=0.5, help="lambda, the thoughts' weight (paper: 0.5)")
 
@@ -189,7 +192,7 @@ def parse_args(argv=None):
     args.save_dir = args.save_dir or os.path.join(
         "runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
     if args.sft_steps is None:
-        args.sft_steps = 1500 if (args.model == "tiny" and args.load is None) else 0
+        args.sft_steps = 1300 if (args.model == "tiny" and args.load is None) else 0
     return args
 
 
@@ -457,7 +460,8 @@ TINY_IMAGE, TINY_PATCH = 112, 14  # 8x8 patches: every rank and number in envs.p
 
 
 def tokenizer_corpus(n_states=64):
-    """Prompts and answers of all four tasks (with and without CoT), to train the tiny BPE on."""
+    """Prompts and answers of all four tasks (with and without CoT), to train the tiny BPE on, split as
+    the model sees them: "USER: ", <image> (a special token), "\n" + prompt + " ASSISTANT:", " " + answer."""
     texts = []
     for task in TASK_NAMES:
         env = envs.make(task)
@@ -466,8 +470,8 @@ def tokenizer_corpus(n_states=64):
             for _ in range(3):
                 a = env.expert_action() if s % 2 else int(env.np_random.integers(len(env.action_names)))
                 for cot in (True, False):
-                    texts += [build_prompt(task, env.action_names, info, cot),
-                              format_response(task, info, env.action_names[a], cot)]
+                    texts += ["USER: ", f"\n{build_prompt(task, env.action_names, info, cot)} ASSISTANT:",
+                              " " + format_response(task, info, env.action_names[a], cot)]  # as CHAT_TEMPLATE and sft() write them
                 _, _, terminated, truncated, info = env.step(a)
                 if terminated or truncated:
                     break
@@ -480,13 +484,16 @@ def build_tiny_vlm(size="mini", vocab_size=1024):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaImageProcessorPil,
                               LlavaProcessor, PreTrainedTokenizerFast)
 
-    # Byte-level BPE: any text tokenizes (no unknown tokens), and the task words become single tokens.
-    # ' "' (a JSON string opening) is always a token of its own, so every action value is chosen at one
-    # place, after a shared ' "', rather than BPE fusing quote, value and brace into one token per
-    # action ('"-"}') that competes with the opening of any other string.
+    # Byte-level BPE: any text tokenizes (no unknown tokens). Merges may cross spaces, so constant text
+    # becomes a few long tokens: a NumberLine prompt is 64 image tokens + 20 of text (104 with merges
+    # inside words only), an answer 19 (33), so a step costs half. Every digit is a token of its own
+    # (a number is read digit by digit, never fused with its context), and so is ' "' (a JSON string's
+    # opening): every action value is chosen at one place, after a shared ' "', rather than BPE fusing
+    # quote, value and brace into one token per action ('"-"}') that competes with any other string.
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(' "'), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(' "'), behavior="isolated"), pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
@@ -672,8 +679,11 @@ def action_start(tokenizer, response_ids):
     (a random one was played), so none gets the action's full weight, and the thought_coef-scaled
     log-prob still lets the advantage push such answers up or down.
     """
-    ids = [int(i) for i in response_ids]
+    return _action_start(tokenizer, tuple(int(i) for i in response_ids))
 
+
+@functools.lru_cache(maxsize=4096)  # answers repeat (NumberLine has 60 demonstrations): decode each once
+def _action_start(tokenizer, ids):
     def decoded_len(k):
         return len(tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
@@ -897,7 +907,7 @@ def choose_actions(texts, action_names, rng):
 def sft(model, processor, args, device):
     """Cross-entropy on demonstration answers. Thoughts describe the true state; the action is the
     expert's with probability --sft-expert-prob, otherwise uniformly random (see the docstring)."""
-    rng, t0 = random.Random(args.seed + 1), time.time()
+    rng, t0, encoded = random.Random(args.seed + 1), time.time(), {}  # encoded: answer text -> its ids
     tok = processor.tokenizer
     pool = EnvPool(args.task, [episode_seed("sft", i, args.seed) for i in range(args.sft_batch_size)])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -912,8 +922,11 @@ def sft(model, processor, args, device):
         answers = [" " + format_response(args.task, info, pool.action_names[a], not args.no_cot)
                    for info, a in zip(pool.infos, actions)]
         inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
-        samples = [make_sample(inputs, i, torch.tensor(tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]), tok)
-                   for i, ans in enumerate(answers)]
+        if len(encoded) > 4096:  # the formula games' answers rarely repeat: keep the store small
+            encoded.clear()
+        for ans in set(answers) - set(encoded):  # each different answer tokenized once
+            encoded[ans] = tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        samples = [make_sample(inputs, i, torch.tensor(encoded[ans]), tok) for i, ans in enumerate(answers)]
         batch, P, R = collate(samples, tok.pad_token_id, device)
         logp = answer_logp(token_logprobs(model, batch, P, R, temperature=1.0)[0], batch, P)
         mask = batch["thought_mask"] + batch["action_mask"]  # (B, R)
