@@ -189,8 +189,9 @@ def parse_args(argv=None):
         p.error("--lora needs a base model saved on disk, and the tiny model is random and saved nowhere, so "
                 "its adapter could not be loaded: train it first (--num-updates 0 --save-dir runs/tiny-sft), "
                 "then pass --model runs/tiny-sft/model --lora")
+    arch = f"-{args.tiny_arch}" if args.model == "tiny" and args.tiny_arch != "llava" and not args.load else ""
     args.save_dir = args.save_dir or os.path.join(
-        "runs", f"{args.task}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
+        "runs", f"{args.task}{arch}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
     if args.sft_steps is None:
         args.sft_steps = 1300 if (args.model == "tiny" and args.load is None) else 0
     return args

@@ -1191,6 +1191,16 @@ def _run(*argv, timeout=600):
                           text=True, timeout=timeout, cwd=HERE, env=env)
 
 
+def test_default_save_dirs_never_share_a_folder():
+    """Runs that differ in task, CoT, seed, architecture or --load write to different folders by default,
+    so running another one never overwrites a saved model (a tiny Qwen run once wrote into the LLaVA's)."""
+    argvs = [[], ["--seed", "2"], ["--no-cot"], ["--task", "blackjack"], ["--tiny-arch", "qwen2.5-vl"],
+             ["--tiny-arch", "gemma3", "--no-cot"], ["--load", "runs/numberline-s1/model"]]
+    dirs = [R.parse_args(a).save_dir for a in argvs]
+    assert len(set(dirs)) == len(dirs), dirs
+    assert dirs[0] == os.path.join("runs", "numberline-s1")  # the README's commands read this folder
+
+
 def test_cli_short_run_writes_metrics_and_model(tmp_path):
     out = tmp_path / "run"
     r = _run("--task", "ezpoints", "--tiny-size", "mini", "--sft-steps", "3", "--sft-batch-size", "4",
