@@ -470,9 +470,9 @@ def tokenizer_corpus(n_states=64):
             _, info = env.reset(seed=episode_seed("tokenizer", s))
             for _ in range(3):
                 a = env.expert_action() if s % 2 else int(env.np_random.integers(len(env.action_names)))
-                for cot in (True, False):
+                for cot in (True, False):  # as CHAT_TEMPLATE and sft() write them
                     texts += ["USER: ", f"\n{build_prompt(task, env.action_names, info, cot)} ASSISTANT:",
-                              " " + format_response(task, info, env.action_names[a], cot)]  # as CHAT_TEMPLATE and sft() write them
+                              " " + format_response(task, info, env.action_names[a], cot)]
                 _, _, terminated, truncated, info = env.step(a)
                 if terminated or truncated:
                     break
