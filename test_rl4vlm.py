@@ -814,6 +814,31 @@ def test_action_values_follow_a_quote_token_of_their_own(tiny):
             assert "".join(pieces[k + 1:]) == name + '"}'
 
 
+@pytest.mark.parametrize("restart_prob", [0.0, 1.0])
+def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, restart_prob):
+    """The formula games' SFT starts episodes over (the formula so far gives away the cards played):
+    at --sft-restart-prob 1 every demonstration is a start state, at 0 the expert's episodes go on."""
+    seen = []
+    demo = R.format_response
+    monkeypatch.setattr(R, "format_response", lambda task, info, *a: seen.append(info["formula"]) or demo(task, info, *a))
+    args = R.parse_args(["--task", "ezpoints", "--sft-steps", "3", "--sft-batch-size", "4",
+                         "--sft-restart-prob", str(restart_prob)])
+    assert args.sft_expert_prob == 1
+    R.sft(copy.deepcopy(tiny[0]), tiny[1], args, "cpu")
+    assert len(seen) == 12 and seen[:4] == [""] * 4
+    assert (set(seen) == {""}) == (restart_prob == 1)
+
+
+def test_sft_demo_defaults_per_task():
+    for task, (expert_prob, restart_prob) in R.SFT_DEMOS.items():
+        args = R.parse_args(["--task", task])
+        assert (args.sft_expert_prob, args.sft_restart_prob) == (expert_prob, restart_prob)
+    assert R.SFT_DEMOS["ezpoints"] == R.SFT_DEMOS["points24"] == (1.0, 0.5)
+    assert R.SFT_DEMOS["numberline"] == R.SFT_DEMOS["blackjack"] == (0.0, 0.0)
+    args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
+    assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
+
+
 def test_scaled_logprob_matches_hand_computation(tiny):
     model, processor = tiny
     model.eval()
