@@ -889,7 +889,7 @@ class EnvPool:
         return [build_prompt(self.task, self.action_names, info, cot) for info in self.infos]
 
     def restart(self, i):
-        """Start env i's episode over (SFT's extra start states)."""
+        """Start env i's episode over: after its end, or early (SFT's extra start states)."""
         self.obs[i], self.infos[i] = self.envs[i].reset()
         self.returns[i] = 0.0
 
@@ -904,11 +904,10 @@ class EnvPool:
             truncated.append(trunc)
             if trunc and not term:
                 finals[i] = (obs, info)
+            self.obs[i], self.infos[i] = obs, info
             if term or trunc:
                 finished.append(self.returns[i])
-                self.returns[i] = 0.0
-                obs, info = env.reset()
-            self.obs[i], self.infos[i] = obs, info
+                self.restart(i)
         return rewards, terminated, truncated, finals, finished
 
 
