@@ -131,7 +131,8 @@ class Parser(argparse.ArgumentParser):
 def make_parser():
     p = Parser(description="RL4VLM: PPO fine-tuning of a vision-language model on gym_cards tasks.")
     g = p.add_argument_group("environment")
-    g.add_argument("--task", default="numberline", choices=TASK_NAMES, help="which gym_cards task")
+    g.add_argument("--task", default=None, choices=TASK_NAMES,
+                   help="which gym_cards task (default: numberline, or the task a --load model was trained on)")
     g.add_argument("--num-envs", type=positive_int, default=8, help="parallel environments, one batched generate")
     g.add_argument("--seed", type=nonneg_int, default=1, help="seeds torch, python and the training episodes")
 
@@ -151,7 +152,8 @@ def make_parser():
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=positive_float, default=0.2, help="sampling temperature (paper: 0.2)")
     g.add_argument("--max-new-tokens", type=positive_int, default=96, help="longest answer, in tokens")
-    g.add_argument("--no-cot", action="store_true", help="ask for the action alone (the paper's CoT ablation)")
+    g.add_argument("--no-cot", action="store_true", default=None,
+                   help="ask for the action alone (the paper's CoT ablation; default: as a --load model was trained)")
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
@@ -191,10 +193,23 @@ def make_parser():
     return p
 
 
+def saved_run(path):
+    """The rl4vlm.json of a folder written by --save-dir, or {} (a bad folder is reported when loaded)."""
+    try:
+        with open(os.path.join(path, "rl4vlm.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def parse_args(argv=None):
     """The flags, checked across each other, with the defaults that depend on other flags."""
     p = make_parser()
     args = p.parse_args(argv)
+    saved = saved_run(args.load) if args.load else {}  # a loaded model goes on with its own task and format
+    args.task = args.task or (saved.get("task") if saved.get("task") in TASK_NAMES else "numberline")
+    args.no_cot = saved.get("cot") is False if args.no_cot is None else args.no_cot
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
     if args.lora and args.model == "tiny" and args.load is None:

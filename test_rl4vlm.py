@@ -1226,6 +1226,18 @@ def test_default_save_dirs_never_share_a_folder():
     assert dirs[0] == os.path.join("runs", "numberline-s1")  # the README's commands read this folder
 
 
+def test_load_defaults_to_the_saved_task_and_format(tmp_path):
+    """--load without --task goes on with the task and CoT setting the model was trained with (it ran
+    NumberLine on a Points24 model); flags given on the command line still win."""
+    (tmp_path / "rl4vlm.json").write_text(json.dumps({"task": "blackjack", "cot": False}))
+    args = R.parse_args(["--load", str(tmp_path)])
+    assert (args.task, args.no_cot) == ("blackjack", True)
+    assert args.save_dir == os.path.join("runs", "blackjack-nocot-s1-load")
+    assert R.parse_args(["--load", str(tmp_path), "--task", "ezpoints"]).task == "ezpoints"
+    (tmp_path / "rl4vlm.json").write_text("{not json")  # unreadable: the defaults, and loading reports it
+    assert (R.parse_args(["--load", str(tmp_path)]).task, R.parse_args([]).no_cot) == ("numberline", False)
+
+
 def test_cli_short_run_writes_metrics_and_model(tmp_path):
     out = tmp_path / "run"
     r = _run("--task", "ezpoints", "--tiny-size", "mini", "--sft-steps", "3", "--sft-batch-size", "4",
@@ -1239,9 +1251,10 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["final"]["episodes"] == 2
     # evaluate the saved model again, with no training
-    r2 = _run("--task", "ezpoints", "--load", str(out / "model"), "--num-updates", "0", "--eval-episodes", "2",
+    r2 = _run("--load", str(out / "model"), "--num-updates", "0", "--eval-episodes", "2",  # the task is the model's
               "--num-envs", "2", "--max-new-tokens", "16", "--save-dir", str(tmp_path / "again"))
     assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "task ezpoints, CoT" in r2.stdout + r2.stderr and "note:" not in r2.stdout + r2.stderr
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["start"]["episodes"] == 2 and "final" not in again  # evaluated once
     assert not (tmp_path / "again" / "model").exists()  # nothing trained, nothing saved
