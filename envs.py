@@ -36,6 +36,8 @@ the deliberate departures from them, each with its reason:
   * nothing is read from disk, so the module is self-contained: cards and text are drawn with
     Pillow's built-in font at 224 px by default (officially 300 px, from card PNG files and a
     DejaVu font), and the layouts are sized to stay legible after downscaling to 112x112 or 84x84;
+    Points24's four cards sit whole eighths of the image apart, so that a ViT cuts each card into
+    patches the same way (Points24Env.card_grid);
     info uses lower-case keys and adds fields (e.g. Blackjack's totals).
 Each env also has `expert_action()`, the best action from the true state (exact solver for
 the formula games, a dynamic-programming policy for Blackjack), used for demonstrations.
@@ -118,19 +120,26 @@ def _card(rank, suit, w, h, bg=FELT):
     return img.resize((w, h), Image.Resampling.LANCZOS)
 
 
-def _draw_cards(img, cards, box, cols, aspect):
-    """Paste cards [(rank, suit) or None for a back] centred in box, `cols` per row."""
+def _draw_cards(img, cards, box, cols, aspect, grid=None):
+    """Paste cards [(rank, suit) or None for a back] centred in box, `cols` per row. With `grid` (px),
+    neighbouring cards sit a whole number of grid cells apart, so every card is cut into a ViT's
+    patches the same way when the patches tile the grid."""
     x0, y0, x1, y1 = box
     rows, cols = math.ceil(len(cards) / cols), min(cols, len(cards))
     gap = max(2, (x1 - x0) // 40)
     h = ((y1 - y0) - gap * (rows - 1)) // rows
     w = min(int(h * aspect), ((x1 - x0) - gap * (cols - 1)) // cols)
+    step_x, step_y = w + gap, h + gap  # from one card's corner to the next one's
+    if grid:  # round each step to whole cells, fewer where more would not fit; shrink the card to keep a gap
+        step_x = max(1, min(round(step_x / grid), ((x1 - x0) - w) // max(cols - 1, 1) // grid)) * grid
+        step_y = max(1, min(round(step_y / grid), ((y1 - y0) - h) // max(rows - 1, 1) // grid)) * grid
+        w, h = min(w, step_x - gap), min(h, step_y - gap)
     for i, card in enumerate(cards):
         r, c = divmod(i, cols)
         in_row = min(cols, len(cards) - r * cols)
-        left = x0 + ((x1 - x0) - in_row * w - (in_row - 1) * gap) // 2
+        left = x0 + ((x1 - x0) - (in_row - 1) * step_x - w) // 2
         sprite = _card(None, None, w, h) if card is None else _card(card[0], card[1], w, h)
-        img.paste(sprite, (left + c * (w + gap), y0 + r * (h + gap)))
+        img.paste(sprite, (left + c * step_x, y0 + r * step_y))
 
 
 # ---------------------------------------------------------------- exact formulas
@@ -423,6 +432,7 @@ class _FormulaGame(_Task):
     """
     n_cards = target = max_units = ops = None  # set by the subclasses
     card_bottom, card_cols, card_aspect = 0.75, 2, 0.72  # cards above card_bottom * S, formula below
+    card_grid = None  # cards a whole number of S / card_grid apart (see _draw_cards)
 
     def __init__(self, image_size=224, render_mode=None):
         self.action_names = [str(i) for i in range(1, 11)] + list(self.ops) + ["="]
@@ -437,7 +447,7 @@ class _FormulaGame(_Task):
         S = self.image_size  # the cards never change during an episode: draw them once
         self._table = Image.new("RGB", (S, S), FELT)
         _draw_cards(self._table, self.cards, (S // 40, S // 40, S - S // 40, int(self.card_bottom * S)),
-                    self.card_cols, self.card_aspect)
+                    self.card_cols, self.card_aspect, self.card_grid and S // self.card_grid)
         self._obs = self._image()
         return self._obs.copy(), self._info()
 
@@ -514,6 +524,11 @@ class Points24Env(_FormulaGame):
     """
     n_cards, target, max_units, ops = 4, 24, 20, ("+", "-", "*", "/", "(", ")")
     card_aspect = 1.3  # a 2x2 grid of wide cards keeps the ranks big
+    # the cards sit whole eighths of the image apart: a ViT whose patches tile the eighths (the tiny
+    # model's 8x8 at 112 px, LLaVA's 24x24 at 336) cuts every card's rank into patches the same way.
+    # a seventh of a patch off (before), the tiny model learned each column's digits separately and
+    # read 63% of the cards after 5,000 SFT steps; on the grid 92-100% after 2,000 (three seeds)
+    card_grid = 8
 
     def _deal(self):
         return [RANKS[i] for i in self.np_random.integers(13, size=4)]

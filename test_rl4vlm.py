@@ -164,6 +164,21 @@ def test_numberline_images_show_the_state():
     assert not np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("size", [112, 224, 336])
+def test_points24_cards_sit_whole_eighths_apart(size):
+    """A ViT whose patches tile eighths of the image cuts every Points24 card the same way, so a rank
+    learned on one card is read on all four (a seventh of a patch off, the tiny model learned each
+    column's digits separately). The cards' corners, found where the felt stops, are eighths apart."""
+    img = envs.make("points24", image_size=size).reset(seed=3)[0].astype(int)
+    card = np.abs(img - np.array(envs.FELT)).sum(axis=2) > 60  # (S, S): not the table
+
+    def starts(line):  # where each run of card pixels begins
+        return [i for i in range(1, len(line)) if line[i] and not line[i - 1]]
+    xs, ys = starts(card[int(0.2 * size)]), starts(card[:, int(0.2 * size)])[:2]  # the top row; the left column
+    assert len(xs) == 2 and len(ys) == 2
+    assert (xs[1] - xs[0]) % (size // 8) == 0 and (ys[1] - ys[0]) % (size // 8) == 0, (xs, ys)
+
+
 def test_ezpoints_rules():
     env = envs.make("ezpoints")
     _, info = env.reset(options={"cards": ["2", "K"]})
@@ -427,6 +442,15 @@ def test_reading_probe_scores_state_fields():
     assert acc == {"cards": (0.0, 0.25), "formula": (0.5, None)}  # 2 of 8 cards right, one formula
     guess = rd["constant_guess"]("points24", infos)
     assert guess["cards"] == (0.5, 3 / 8) and guess["formula"] == (1.0, None)  # 10 is 3 of the 8 cards
+    # the thoughts' formula: the demos' solves its deal; a wrong sum, a card used twice, none, do not
+    unsolvable = env.reset(options={"cards": ["A", "A", "A", "A"]})[1]
+    assert rd["plan_accuracy"]("points24", right + [R.format_response("points24", unsolvable, "=")],
+                               infos + [unsolvable]) == (2 / 3, 2 / 3)
+    plan = right[0].split("; ")[1].split(" makes")[0]
+    wrong = [right[0].replace(plan, "( 10 - 3 ) * 8 / 1"),  # the cards, but 56
+             right[0].replace(plan, "( 10 - 1 ) * 8 / 3 / 1"), "not json"]  # 24, but the ace twice
+    assert rd["plan_accuracy"]("points24", wrong, [infos[0]] * 3) == (0.0, 1.0)
+    assert rd["plan_accuracy"]("blackjack", [], []) is None
 
 
 # The official gym_cards rules (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs/*.py), restated as
@@ -829,12 +853,14 @@ def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, res
     assert (set(seen) == {""}) == (restart_prob == 1)
 
 
-def test_sft_demo_defaults_per_task():
-    for task, (expert_prob, restart_prob) in R.SFT_DEMOS.items():
+def test_sft_demo_defaults_per_task(tmp_path):
+    for task, (steps, expert_prob, restart_prob) in R.SFT_DEMOS.items():
         args = R.parse_args(["--task", task])
-        assert (args.sft_expert_prob, args.sft_restart_prob) == (expert_prob, restart_prob)
-    assert R.SFT_DEMOS["ezpoints"] == R.SFT_DEMOS["points24"] == (1.0, 0.5)
-    assert R.SFT_DEMOS["numberline"] == R.SFT_DEMOS["blackjack"] == (0.0, 0.0)
+        assert (args.sft_steps, args.sft_expert_prob, args.sft_restart_prob) == (steps, expert_prob, restart_prob)
+    assert R.SFT_DEMOS["ezpoints"][1:] == R.SFT_DEMOS["points24"][1:] == (1.0, 0.5)
+    assert R.SFT_DEMOS["numberline"][1:] == R.SFT_DEMOS["blackjack"][1:] == (0.0, 0.0)
+    assert R.SFT_DEMOS["points24"][0] > R.SFT_DEMOS["ezpoints"][0]  # four cards take longer to read
+    assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
     args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
     assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
 
@@ -1263,6 +1289,7 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
                         capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "3 start states" in r3.stdout and "cards: exact" in r3.stdout and "formula: exact" in r3.stdout
+    assert "thoughts' formula solves the cards" in r3.stdout
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,6 +1,6 @@
 """Does a saved model read the image? Its answer's state fields against the true state.
 
-    python tools/reading.py runs/p24-sft3k/model --states 96
+    python tools/reading.py runs/p24-s1/model --states 96
 
 For each of N start states (rl4vlm.episode_seed("probe", i): no SFT, RL or evaluation episode) the
 model answers once, sampling at rl4vlm.py's default temperature (0.2; a saved model does not record
@@ -9,7 +9,8 @@ The fields it writes before its thoughts ("current number", "cards", "dealer car
 rl4vlm.cot_fields) are compared with the env's true values: how often each field is exactly right
 and, for lists such as the cards, how often each element is right. Next to them: what always
 writing the commonest true value would score, the accuracy of a model that ignores the image. It
-reads the CoT fields only, so it needs a model trained with CoT.
+reads the CoT fields only, so it needs a model trained with CoT. In the formula games it also checks
+the formula the thoughts plan: does it use each card once and make the target?
 """
 import argparse
 import collections
@@ -36,6 +37,28 @@ def field_accuracy(task, answers, infos):
                 total[field] += len(true)
     n = max(len(infos), 1)
     return {f: (right[f] / n, elements[f] / total[f] if total[f] else None) for f in right}
+
+
+def plan_accuracy(task, answers, infos):
+    """Formula games: the share of answers whose thoughts write a formula that solves the cards
+    ("...; 2 * 6 makes 12."), and the share of deals that have one (what a perfect reader and solver
+    would score). -> (solved, solvable), or None for the other tasks."""
+    import re
+    import envs
+    import rl4vlm
+    if task not in ("ezpoints", "points24"):
+        return None
+    game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
+    solved = solvable = 0
+    for text, info in zip(answers, infos):
+        objs = rl4vlm._json_objects(text)
+        found = re.search(rf"; (.+) makes {game.target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
+        units = found.group(1).split() if found else []
+        value = envs.evaluate(units) if units else None  # None: malformed
+        solved += value == game.target and sorted(int(u) for u in units if u.isdigit()) == sorted(info["numbers"])
+        solvable += bool(envs.continue_solution(info["numbers"], [], game.target, game.ops))
+    n = max(len(infos), 1)
+    return solved / n, solvable / n
 
 
 def constant_guess(task, infos):
@@ -91,3 +114,6 @@ if __name__ == "__main__":
         if per is not None:
             line += f"; per element {100 * per:.1f}% vs {100 * guess_acc[f][1]:.1f}%"
         print(line)
+    plan = plan_accuracy(task, answers, pool.infos)
+    if plan is not None:
+        print(f"  thoughts' formula solves the cards: {100 * plan[0]:.1f}% (a solution exists: {100 * plan[1]:.1f}%)")
