@@ -526,7 +526,7 @@ class Points24Env(_FormulaGame):
     card_aspect = 1.3  # a 2x2 grid of wide cards keeps the ranks big
     # the cards sit whole eighths of the image apart: a ViT whose patches tile the eighths (the tiny
     # model's 8x8 at 112 px, LLaVA's 24x24 at 336) cuts every card's rank into patches the same way.
-    # a seventh of a patch off (before), the tiny model learned each column's digits separately and
+    # A seventh of a patch off (before), the tiny model learned each column's digits separately and
     # read 63% of the cards after 5,000 SFT steps; on the grid 92-100% after 2,000 (three seeds)
     card_grid = 8
 
