@@ -264,6 +264,13 @@ def solve(numbers, target, ops="+-*/"):
     return tuple(sorted(solutions, key=lambda t: (len(t), t)))
 
 
+def solves(units, numbers, target):
+    """Does the formula (a token list; blanks skipped) use each of `numbers` exactly once and equal
+    `target`? What "=" rewards."""
+    used = sorted(int(u) for u in units if u.isdigit())
+    return used == sorted(numbers) and evaluate(units) == target
+
+
 def continue_solution(numbers, units, target, ops):
     """The first (shortest) solution that starts with `units`, the formula written so far (blanks
     "_" are dropped from it), or None. `ops` may include brackets; only the arithmetic operators
@@ -457,9 +464,7 @@ class _FormulaGame(_Task):
         if len(self.units) > self.max_units:  # too long: lost, whatever the action
             reward, terminated = -1.0, True
         elif name == "=":
-            used = sorted(int(u) for u in self.units if u.isdigit())
-            right = used == sorted(self.numbers) and evaluate(self.units) == self.target
-            reward, terminated = (10.0 if right else -1.0), True
+            reward, terminated = (10.0 if solves(self.units, self.numbers, self.target) else -1.0), True
         else:
             if name.isdigit() and self.units.count(name) >= self.numbers.count(int(name)):
                 name, reward = BLANK, -1.0  # not on an unused card

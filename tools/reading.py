@@ -53,9 +53,7 @@ def plan_accuracy(task, answers, infos):
     for text, info in zip(answers, infos):
         objs = rl4vlm._json_objects(text)
         found = re.search(rf"; (.+) makes {game.target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
-        units = found.group(1).split() if found else []
-        value = envs.evaluate(units) if units else None  # None: malformed
-        solved += value == game.target and sorted(int(u) for u in units if u.isdigit()) == sorted(info["numbers"])
+        solved += bool(found) and envs.solves(found.group(1).split(), info["numbers"], game.target)
         solvable += bool(envs.continue_solution(info["numbers"], [], game.target, game.ops))
     n = max(len(infos), 1)
     return solved / n, solvable / n
