@@ -103,6 +103,10 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # played: only start states make SFT read the image (see sft()). Four cards take longer to read than two.
 SFT_DEMOS = {"numberline": (1300, 0.0, 0.0), "ezpoints": (1300, 1.0, 0.5), "points24": (2000, 1.0, 0.5),
              "blackjack": (1300, 0.0, 0.0)}
+# Defaults that depend on the model: (the tiny model on a CPU, a real checkpoint). A real one's fit a 7B
+# model with --lora on one 80 GB GPU; its lr and answer length are the official code's.
+SCALE_DEFAULTS = {"num_envs": (8, 4), "max_new_tokens": (96, 256), "lr": (1e-4, 1e-5), "micro_batch_size": (32, 4),
+                  "gradient_checkpointing": (False, True)}
 TINY_ARCHS = {"llava": "llava", "llava-next": "llava_next", "qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl",
               "qwen3-vl": "qwen3_vl", "idefics3": "idefics3", "gemma3": "gemma3"}  # -> model_type in FAMILIES
 
@@ -135,7 +139,8 @@ def make_parser():
     g = p.add_argument_group("environment")
     g.add_argument("--task", default=None, choices=TASK_NAMES,
                    help="which gym_cards task (default: numberline, or the task a --load model was trained on)")
-    g.add_argument("--num-envs", type=positive_int, default=8, help="parallel environments, one batched generate")
+    g.add_argument("--num-envs", type=positive_int, help="parallel environments, one batched generate "
+                   "(default: 8, 4 for a real checkpoint)")
     g.add_argument("--seed", type=nonneg_int, default=1, help="seeds torch, python and the training episodes")
 
     g = p.add_argument_group("model")
@@ -150,10 +155,14 @@ def make_parser():
     g.add_argument("--tiny-arch", default="llava", choices=list(TINY_ARCHS),
                    help="architecture of the tiny model: the paper's LLaVA, or a tiny copy of another family's")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each layer's "
+                   "activations in the backward pass instead of keeping them: less memory, about a third more "
+                   "update time (default: on for a real checkpoint, off for the tiny model)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=positive_float, default=0.2, help="sampling temperature (paper: 0.2)")
-    g.add_argument("--max-new-tokens", type=positive_int, default=96, help="longest answer, in tokens")
+    g.add_argument("--max-new-tokens", type=positive_int, help="longest answer, in tokens "
+                   "(default: 96, 256 for a real checkpoint as the official code)")
     g.add_argument("--no-cot", action="store_true", default=None,
                    help="ask for the action alone (the paper's CoT ablation; default: as a --load model was trained)")
 
@@ -173,8 +182,8 @@ def make_parser():
     g = p.add_argument_group("PPO")
     g.add_argument("--num-updates", type=nonneg_int, default=50, help="PPO updates (rollout + optimisation)")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
-    g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate, cosine-decayed over the "
-                   "run (logits are divided by T = 0.2: log-probs move 5x faster than the weights suggest)")
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate, cosine-decayed over the run (default: "
+                   "1e-4 for the tiny model, 1e-5 for a real checkpoint as the official code)")
     g.add_argument("--gamma", type=float, default=0.9, help="discount (paper: 0.9)")
     g.add_argument("--gae-lambda", type=float, default=0.95, help="GAE lambda (paper: 0.95)")
     g.add_argument("--clip-coef", type=positive_float, default=0.1, help="PPO ratio and value clip (paper: 0.1)")
@@ -182,7 +191,8 @@ def make_parser():
     g.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient norm clip")
     g.add_argument("--update-epochs", type=positive_int, default=2, help="PPO epochs over each rollout")
     g.add_argument("--minibatch-size", type=positive_int, default=32, help="samples per optimiser step")
-    g.add_argument("--micro-batch-size", type=positive_int, default=32, help="samples per forward (accumulated)")
+    g.add_argument("--micro-batch-size", type=positive_int, help="samples per forward, gradients accumulated "
+                   "(default: 32, 4 for a real checkpoint)")
     g.add_argument("--target-kl", type=positive_float, default=0.02, help="stop an update once a minibatch's "
                    "approximate KL exceeds this, against KL spikes that break the format (not in the paper)")
     g.add_argument("--kl-coef", type=nonneg_float, default=1.0, help="weight of KL(pi || pi_SFT) per answer token, "
@@ -206,6 +216,16 @@ def saved_run(path):
     return meta if isinstance(meta, dict) else {}
 
 
+def from_tiny(folder, depth=0):
+    """Whether a model folder descends from the tiny model (rl4vlm.json, through LoRA bases), so that it
+    keeps the tiny model's defaults; a folder without rl4vlm.json, or a hub id, is a real checkpoint."""
+    meta = saved_run(folder)
+    if "tiny" in meta or depth > 8:
+        return bool(meta.get("tiny"))
+    base = meta.get("base_model")
+    return base == "tiny" or (bool(base) and base != folder and from_tiny(base, depth + 1))
+
+
 def parse_args(argv=None):
     """The flags, checked across each other, with the defaults that depend on other flags."""
     p = make_parser()
@@ -213,6 +233,10 @@ def parse_args(argv=None):
     saved = saved_run(args.load) if args.load else {}  # a loaded model goes on with its own task and format
     args.task = args.task or (saved.get("task") if saved.get("task") in TASK_NAMES else "numberline")
     args.no_cot = saved.get("cot") is False if args.no_cot is None else args.no_cot
+    args.tiny = from_tiny(args.load) if args.load else args.model == "tiny" or from_tiny(args.model)
+    for name, (tiny, real) in SCALE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else real)
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
     if args.lora and args.model == "tiny" and args.load is None:
@@ -601,21 +625,28 @@ class LoadError(Exception):
     """A model folder that is missing, incomplete or corrupt: reported in one line."""
 
 
-def model_dtype(base_model, device):
-    """bf16 for a real checkpoint on a GPU (as the paper trains), fp32 for the tiny model and on a CPU.
-    base_model is --model, or for --load the model the checkpoint was trained from (rl4vlm.json)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" and base_model != "tiny" else torch.float32
+def model_dtype(config, device):
+    """bf16 on a GPU for a checkpoint stored in 16 bits (real ones are; the paper trains in bf16);
+    fp32 for one stored in fp32 (the tiny models and what this file saves of them) and on a CPU."""
+    stored = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+    return torch.bfloat16 if torch.device(device).type == "cuda" and stored in ("float16", "bfloat16") else torch.float32
 
 
-def load_vlm(path, device, dtype):
+def load_vlm(path, device):
     if not (os.path.isdir(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
         raise LoadError(f"model folder not found: {path}")
     try:
-        processor = load_processor(path, AutoConfig.from_pretrained(path).model_type)  # fails before the weights load
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+        config = AutoConfig.from_pretrained(path)
+        processor = load_processor(path, config.model_type)  # fails before the weights load
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=model_dtype(config, device)).to(device)
     except Exception as e:  # OSError, safetensors and config errors all mean "cannot use this folder"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"cannot load a model from {path}: {first_line}") from None
+    # generate() fills every field our GenerationConfig leaves unset from the checkpoint's own
+    # generation_config.json (Qwen2-VL's and Qwen2.5-VL's Instruct models ship repetition_penalty 1.05),
+    # and PPO scores softmax(logits / T): keep only the checkpoint's end tokens.
+    model.generation_config = GenerationConfig(eos_token_id=end_tokens(model, processor.tokenizer),
+                                               pad_token_id=processor.tokenizer.pad_token_id)
     return model, processor
 
 
@@ -661,26 +692,36 @@ def placeholder_ids(model):
     return [i for i in ids if i is not None]
 
 
+def end_tokens(model, tokenizer):
+    """Every token that ends an answer: the checkpoint's own list (Gemma 3 IT ends a turn with
+    <end_of_turn>, Qwen's Instruct models with <|im_end|> or <|endoftext|>) and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return sorted(set(ids) | ({tokenizer.eos_token_id} - {None}))
+
+
 def generation_config(model, processor, args):
     tok = processor.tokenizer
     # Plain sampling from softmax(logits / T): no top-k/top-p, so the log-probs we score are exactly
-    # the ones we sampled from. The image token is suppressed (a later forward would take a sampled
-    # one for an image slot), and scoring masks it the same way.
+    # the ones we sampled from (load_vlm drops a checkpoint's own sampling defaults, which generate
+    # would otherwise add, such as Qwen's repetition_penalty). The image token is suppressed (a later
+    # forward would take a sampled one for an image slot), and scoring masks it the same way.
     return GenerationConfig(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
                             max_new_tokens=args.max_new_tokens, suppress_tokens=placeholder_ids(model),
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id, eos_token_id=end_tokens(model, tok),
                             return_dict_in_generate=True)
 
 
 @torch.no_grad()
 def generate(model, inputs, gen_config, for_ppo=True):
-    """-> one 1-D tensor of response ids per row, cut after its first EOS; the log-prob of every sampled
-    token under softmax(logits / T), (B, R); and the last-layer hidden state at the last prompt token, (B, H).
+    """-> one 1-D tensor of response ids per row, cut after its first end token; the log-prob of every
+    sampled token under softmax(logits / T), (B, R); and the last-layer hidden state at the last prompt
+    token, (B, H).
 
     The last two are what a rollout stores for PPO (old log pi, V(s)), read off generate's own forward
-    passes rather than a second one; they agree with score() to float rounding (a test checks).
-    Evaluation needs only the text (for_ppo=False: both None), so it does not keep the logits and the
-    hidden states of every layer (for a 7B model about 1.5 GB at 8 prompts).
+    passes rather than a second one; in fp32 they agree with score() to float rounding (a test checks).
+    Without them (for_ppo=False: both None; evaluation, and rollouts in 16 bits) generate does not keep
+    the logits and the hidden states of every layer (for a 7B model about 1.5 GB at 8 prompts).
     """
     if for_ppo:  # in the config, not as arguments beside it (transformers warns about mixing the two)
         gen_config = copy.deepcopy(gen_config)
@@ -695,7 +736,7 @@ def generate(model, inputs, gen_config, for_ppo=True):
         hidden = out.hidden_states[0][-1][:, -1]  # the prefill pass, last layer, last (left-padded) prompt token
     responses = []
     for row in new.cpu():
-        eos = (row == gen_config.eos_token_id).nonzero()
+        eos = torch.isin(row, torch.tensor(gen_config.eos_token_id)).nonzero()
         responses.append(row[: eos[0, 0] + 1] if len(eos) else row)
     return responses, token_logp, hidden
 
@@ -718,18 +759,21 @@ def action_start(tokenizer, response_ids):
 
 @functools.lru_cache(maxsize=4096)  # answers repeat (NumberLine has 60 demonstrations): decode each once
 def _action_start(tokenizer, ids):
-    def decoded_len(k):
-        return len(tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    def decode(k):
+        return tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    text = decode(len(ids))
     keys = list(re.finditer(ACTION_KEY, text, re.IGNORECASE))
     if not keys:
         return len(ids)
-    char = keys[-1].start()
-    lo, hi = 0, len(ids) - 1  # smallest k with decoded_len(k + 1) > char (binary search)
+    head = text[:keys[-1].start() + 1]  # the answer up to the key's first character
+    # The first token whose prefix decodes to all of head (binary search). Not "decodes to as many
+    # characters": with byte-fallback tokenizers (Llama, Mistral, Gemma) a prefix that ends inside a
+    # character decodes to one replacement character per byte, longer than the text it stands for.
+    lo, hi = 0, len(ids) - 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if decoded_len(mid + 1) > char:
+        if decode(mid + 1).startswith(head):
             hi = mid
         else:
             lo = mid + 1
@@ -755,10 +799,12 @@ def answer_masks(samples, R):
     return thought_mask, action_mask
 
 
-def collate(samples, pad_id, device):
-    """Left-pad prompts to P and right-pad answers to R: every prompt ends at column P - 1."""
-    P = max(len(s["prompt_ids"]) for s in samples)
-    R = max(len(s["response_ids"]) for s in samples)
+def collate(samples, pad_id, device, shape=None):
+    """Left-pad prompts to P and right-pad answers to R: every prompt ends at column P - 1. shape, (P, R):
+    pad to at least these, so that every batch of a rollout has one shape (see rescore)."""
+    P, R = shape or (0, 0)
+    P = max(P, max(len(s["prompt_ids"]) for s in samples))
+    R = max(R, max(len(s["response_ids"]) for s in samples))
     B = len(samples)
     input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, P + R), dtype=torch.long)
@@ -784,7 +830,7 @@ def token_logprobs(model, batch, P, R, temperature):
     inputs = {k: v for k, v in batch.items() if k not in ("thought_mask", "action_mask")}
     # No position ids: the model makes its own from the mask (Qwen's 3-D ones from the image grid too;
     # hand-made 1-D ones are silently wrong there). A left-padded row's shift changes no RoPE score.
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=R + 1)
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=R + 1, use_cache=False)  # no KV cache to keep
     logits = out.logits[:, :-1].float() / temperature  # (B, R, V): column j predicts answer token j
     # Suppressed in generate too; a finite floor keeps the KL below free of inf - inf.
     logits[..., placeholder_ids(model)] = -1e9
@@ -822,17 +868,6 @@ def reference_logprobs(model, ref_model, batch, P, R, temperature):
         return token_logprobs(model, batch, P, R, temperature)[0]
     finally:
         model.set_adapter("default")  # also makes "default" the trainable adapter again
-
-
-def rollout_reference_logprobs(model, ref_model, samples, pad_id, args, device):
-    """The SFT policy's log-probs of every answer of a rollout, once (PPO's epochs reuse them): one
-    (R_i, V) tensor per sample, kept on the CPU (rollout x answer length x vocabulary x 4 bytes)."""
-    out = []
-    for i in range(0, len(samples), args.micro_batch_size):
-        chunk = samples[i:i + args.micro_batch_size]
-        logprobs = reference_logprobs(model, ref_model, *collate(chunk, pad_id, device), args.temperature)
-        out += [lp[:len(s["response_ids"])].cpu() for lp, s in zip(logprobs, chunk)]
-    return out
 
 
 def lambda_log_pi(logp, thought_mask, action_mask, thought_coef):
@@ -970,14 +1005,17 @@ def sft(model, processor, args, device):
         for ans in set(answers) - set(encoded):  # each different answer tokenized once
             encoded[ans] = tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]
         samples = [make_sample(inputs, i, torch.tensor(encoded[ans]), tok) for i, ans in enumerate(answers)]
-        batch, P, R = collate(samples, tok.pad_token_id, device)
-        logp = answer_logp(token_logprobs(model, batch, P, R, temperature=1.0)[0], batch, P)
-        mask = batch["thought_mask"] + batch["action_mask"]  # (B, R)
-        loss = -(logp * mask).sum() / mask.sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"SFT loss is {loss.item()} at step {step}")
+        tokens, loss = sum(len(s["response_ids"]) for s in samples), 0.0  # the mean over all answer tokens
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for m in range(0, len(samples), args.micro_batch_size):  # gradients accumulated over micro-batches
+            batch, P, R = collate(samples[m:m + args.micro_batch_size], tok.pad_token_id, device)
+            logp = answer_logp(token_logprobs(model, batch, P, R, temperature=1.0)[0], batch, P)
+            mask = batch["thought_mask"] + batch["action_mask"]  # (B, R)
+            part = -(logp * mask).sum() / tokens
+            part.backward()
+            loss += part.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"SFT loss is {loss} at step {step}")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         pool.step(actions)
@@ -985,7 +1023,7 @@ def sft(model, processor, args, device):
             if args.sft_restart_prob > 0 and rng.random() < args.sft_restart_prob:
                 pool.restart(i)
         if (step + 1) % 50 == 0 or step == 0:
-            log(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | lr {lr:.2e}")
+            log(f"sft {step + 1}/{args.sft_steps} | loss {loss:.4f} | lr {lr:.2e}")
     log(f"sft done in {time.time() - t0:.0f} s")
 
 
@@ -1007,16 +1045,19 @@ class Rollout:
     finished: list            # returns of the episodes that ended during the rollout
     invalid: list             # per answer: it named no single legal action (a random one was played)
     example: str = ""         # the first answer and the action it became, for the log
+    shape: tuple = None       # in 16 bits, (P, R) of every scoring batch: the longest prompt and answer
 
 
 @torch.no_grad()
 def collect_rollout(model, value_head, processor, pool, gen_config, args, device, rng, timer):
     """Play T = --num-steps steps in every environment of the pool with the current policy.
 
-    Old log pi and V(s) are read off generate's own forward passes (the logits of every sampled token
-    and the last prompt token's hidden state): exactly what score() would compute in a second
-    forward over prompt + answer, to float rounding (a test checks), at no extra cost."""
+    In fp32, old log pi and V(s) are read off generate's own forward passes (the logits of every sampled
+    token and the last prompt token's hidden state): exactly what score() would compute in a second
+    forward over prompt + answer, to float rounding (a test checks), at no extra cost. In 16 bits they
+    are not (see rescore), so the rollout scores its answers once more with score()."""
     T, N, tok = args.num_steps, len(pool.envs), processor.tokenizer
+    exact = model.dtype == torch.float32
     ro = Rollout([], torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N, dtype=torch.bool),
                  torch.zeros(T, N, dtype=torch.bool), torch.zeros(T, N), torch.zeros(N), [], [])
     model.eval()
@@ -1024,13 +1065,15 @@ def collect_rollout(model, value_head, processor, pool, gen_config, args, device
         with timer("prompt"):
             inputs = process(processor, pool.prompts(not args.no_cot), pool.obs, device)
         with timer("generate"):
-            responses, token_logp, hidden = generate(model, inputs, gen_config)  # N answers, (N, R), (N, H)
+            responses, token_logp, hidden = generate(model, inputs, gen_config, exact)  # N answers, (N, R), (N, H)
         with timer("score"):  # parse the answers; old log pi and V(s) from generate's outputs
             texts = tok.batch_decode(responses, skip_special_tokens=True)
             actions, bad = choose_actions(texts, pool.action_names, rng)
             step_samples = [make_sample(inputs, i, responses[i], tok) for i in range(N)]
-            ro.log_pi[t] = lambda_log_pi(token_logp, *answer_masks(step_samples, token_logp.shape[1]), args.thought_coef)
-            ro.values[t] = value_head(hidden.float())[:, 0].cpu()
+            if exact:
+                ro.log_pi[t] = lambda_log_pi(token_logp, *answer_masks(step_samples, token_logp.shape[1]),
+                                             args.thought_coef)
+                ro.values[t] = value_head(hidden.float())[:, 0].cpu()
             ro.samples += step_samples
             ro.invalid += bad
         if t == 0:
@@ -1046,7 +1089,26 @@ def collect_rollout(model, value_head, processor, pool, gen_config, args, device
     with timer("score"):
         ro.last_values[:] = state_values(model, value_head, processor, args, device, pool.action_names,
                                          {i: (pool.obs[i], pool.infos[i]) for i in range(N)})
+        if not exact:
+            rescore(model, value_head, ro, tok.pad_token_id, args, device)
     return ro
+
+
+def rescore(model, value_head, ro, pad_id, args, device):
+    """Old log pi and V(s) from the very forward PPO's update makes. In 16 bits, generate's cached decode
+    rounds differently from a forward over prompt + answer, and so do forwards of other shapes: a
+    sample's log pi moved by up to 0.3 with the batch it was scored in (the tiny model in bf16, its
+    logits scaled to a trained model's), which the 0.1 clip reads as a policy change. Padded to one
+    shape for the whole rollout, a sample's scores do not depend on its batch (the 16-bit test checks)."""
+    samples = ro.samples
+    ro.shape = (max(len(s["prompt_ids"]) for s in samples), max(len(s["response_ids"]) for s in samples))
+    log_pi, values = torch.zeros(len(samples)), torch.zeros(len(samples))
+    for i in range(0, len(samples), args.micro_batch_size):
+        chunk = samples[i:i + args.micro_batch_size]
+        lp, v, _ = score(model, value_head, *collate(chunk, pad_id, device, ro.shape), args.temperature,
+                         args.thought_coef)
+        log_pi[i:i + len(chunk)], values[i:i + len(chunk)] = lp.float().cpu(), v.float().cpu()
+    ro.log_pi, ro.values = log_pi.view(ro.log_pi.shape), values.view(ro.values.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1083,9 +1145,8 @@ def ppo_update(model, value_head, optimizer, rollout, advantages, returns, pad_i
     samples, n = rollout.samples, len(rollout.samples)
     old_log_pi, old_values = rollout.log_pi.flatten(), rollout.values.flatten()  # (T * N,)
     advantages, returns = advantages.flatten(), returns.flatten()
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    ref_logprobs = None if ref_model is None else rollout_reference_logprobs(model, ref_model, samples, pad_id,
-                                                                             args, device)  # ours, for the KL term
+    if n > 1:  # (one sample has no spread to normalise by)
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats, order = collections.defaultdict(list), list(range(n))
 
@@ -1099,9 +1160,10 @@ def ppo_update(model, value_head, optimizer, rollout, advantages, returns, pad_i
         optimizer.zero_grad(set_to_none=True)
         for m in range(0, len(minibatch), args.micro_batch_size):
             idx = minibatch[m:m + args.micro_batch_size]
-            batch, P, R = collate([samples[i] for i in idx], pad_id, device)
-            ref = None if ref_logprobs is None else torch.nn.utils.rnn.pad_sequence(
-                [ref_logprobs[i] for i in idx], batch_first=True).to(device)  # (B, R, V), zeros on padding
+            batch, P, R = collate([samples[i] for i in idx], pad_id, device, rollout.shape)
+            # ours, for the KL term: the SFT policy's log-probs of this micro-batch only, (B, R, V), so that
+            # memory grows with the micro-batch, not with the rollout (one more forward, without gradients)
+            ref = None if ref_model is None else reference_logprobs(model, ref_model, batch, P, R, args.temperature)
             log_pi, value, ref_kl = score(model, value_head, batch, P, R, args.temperature, args.thought_coef, ref)
             adv, ret, old_lp, old_v = (x[idx].to(device) for x in (advantages, returns, old_log_pi, old_values))
             # --- the paper's loss: PPO's clipped surrogate and clipped value loss
@@ -1234,7 +1296,7 @@ def main(args):
 
 def build_agent(args, device):
     """-> the VLM, its processor, the value head, and base_model (what a LoRA adapter of it loads onto)."""
-    value_state, base_model = None, args.model
+    value_state, base_model = None, where(args.model)
     if args.load:
         model, processor, value_state, loaded = load_checkpoint(args.load, device)
         base_model = loaded.get("base_model")
@@ -1245,16 +1307,27 @@ def build_agent(args, device):
                             else build_tiny_family(args.tiny_arch, args.tiny_size))
         model.to(device)
     else:
-        model, processor = load_vlm(args.model, device, model_dtype(args.model, device))
+        model, processor = load_vlm(args.model, device)
     if args.lora and not hasattr(model, "peft_config"):  # a loaded adapter is already LoRA
         model = add_lora(model, args.lora_rank)
-        base_model = args.load or base_model  # a loaded full checkpoint is the adapter's base
+        base_model = where(args.load) if args.load else base_model  # a loaded full checkpoint is the adapter's base
+    if args.gradient_checkpointing:  # non-reentrant: the only kind that works with LoRA's frozen base
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not (args.tiny or args.lora) and args.kl_coef and args.num_updates:
+        log("note: full fine-tuning keeps a frozen copy of the model as the KL reference: with the gradients and "
+            "Adam's moments about 10 bytes a parameter in bf16, 70 GB for a 7B model (--lora holds the base once)")
     value_head = make_value_head(text_hidden_size(model)).to(device)
     if value_state is not None:
         value_head.load_state_dict(value_state)
     log(f"model: {args.load or args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
         f"on {device}; task {args.task}, {'CoT' if not args.no_cot else 'no CoT'}; output in {args.save_dir}")
     return model, processor, value_head, base_model
+
+
+def where(model):
+    """A model folder as an absolute path (rl4vlm.json's base_model must load from any directory); a hub
+    id or "tiny" as it is."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
 
 
 def freeze_vision(model):
@@ -1295,9 +1368,13 @@ def finish(model, processor, value_head, args, device, results, base_model, env_
     if args.eval_episodes and args.num_updates and not interrupted:
         results["final"] = evaluate(model, processor, args, device, args.eval_episodes)
     results["total_seconds"] = time.time() - t_start
+    if torch.device(device).type == "cuda":  # what --micro-batch-size, --num-envs, ... left of the GPU
+        results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        log(f"peak GPU memory {results['peak_gpu_memory_gib']:.1f} GiB")
     if args.sft_steps > 0 or env_steps > 0:  # nothing trained (`--load DIR --num-updates 0`): nothing to save
         save(model, processor, value_head, os.path.join(args.save_dir, "model"),
-             {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "env_steps": env_steps})
+             {"task": args.task, "cot": not args.no_cot, "base_model": base_model, "tiny": args.tiny,
+              "env_steps": env_steps})
         log(f"saved to {os.path.join(args.save_dir, 'model')}")
     with open(os.path.join(args.save_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), **results}, f, indent=1)
@@ -1423,22 +1500,30 @@ def load_checkpoint(path, device):
         value_state = torch.load(os.path.join(path, "value_head.pt"), map_location="cpu", weights_only=True)
     except Exception as e:
         raise LoadError(f"corrupt checkpoint in {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    dtype = model_dtype(meta.get("base_model", "tiny"), device)
     if meta.get("lora") or os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter
-        model, _ = load_vlm(meta["base_model"], device, dtype)
+        model, _ = load_vlm(meta["base_model"], device)
         import peft
         model = peft.PeftModel.from_pretrained(model, path, is_trainable=True)
         processor = load_processor(path, model.config.model_type)
     else:
-        model, processor = load_vlm(path, device, dtype)
+        model, processor = load_vlm(path, device)
     return model, processor, value_state, meta
 
 
-if __name__ == "__main__":
+def cli(args):
+    """main() with its one-line errors: what the command line runs."""
     try:
-        sys.exit(main(ARGS))
+        return main(args)
     except LoadError as e:
         sys.exit(f"rl4vlm.py: error: {e}")
     except FloatingPointError as e:
         sys.exit(f"rl4vlm.py: error: {e}; the update was stopped and nothing was saved "
                  f"(try a lower --lr or --sft-lr)")
+    except torch.OutOfMemoryError:
+        sys.exit(f"rl4vlm.py: error: out of GPU memory, nothing was saved: lower --micro-batch-size "
+                 f"(now {args.micro_batch_size}), --num-envs ({args.num_envs}) or --max-new-tokens "
+                 f"({args.max_new_tokens})" + ("" if args.gradient_checkpointing else ", or add --gradient-checkpointing"))
+
+
+if __name__ == "__main__":
+    sys.exit(cli(ARGS))

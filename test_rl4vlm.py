@@ -6,6 +6,7 @@ file takes a few minutes on two cores.
 """
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -823,6 +824,42 @@ def test_parse_and_scoring_agree_on_the_action_key(tiny):
         assert re.search(R.ACTION_KEY, action, re.IGNORECASE) and not re.search(R.ACTION_KEY, thought, re.IGNORECASE)
 
 
+def _byte_fallback_tokenizer():
+    """A BPE that spells what it does not know as UTF-8 byte tokens (<0xE2>...), as Llama's, Mistral's and
+    Gemma's do, trained on ASCII answers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bpe.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    texts = [' {"thoughts": "the number is %d and up", "action": "+"}' % i for i in range(50)]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    spec = json.loads(bpe.to_str())
+    for b in range(256):
+        spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def test_action_start_with_a_byte_fallback_tokenizer():
+    """A prefix that ends inside a character such a tokenizer spells in bytes decodes to a replacement
+    character per byte, longer than the text it stands for, so the decoded length of prefixes is not
+    monotone: a binary search on it put the action's start early in 38 of these 120 answers. The first
+    action token must hold the key's first byte, counted from the tokens' own bytes."""
+    tok = _byte_fallback_tokenizer()
+    rng = random.Random(0)
+    for _ in range(120):
+        text = ' {"thoughts": "up %s", "action": "+"}' % "".join(rng.choice("→éü€😀") for _ in range(rng.randint(1, 3)))
+        ids = tok(text, add_special_tokens=False).input_ids
+        pieces = [bytes([int(t[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", t) else t.replace("\u2581", " ").encode()
+                  for t in tok.convert_ids_to_tokens(ids)]
+        assert tok.decode(ids) == text and b"".join(pieces) == text.encode() and len(pieces) > len(text.split())
+        key = len(text[:text.index('"action"')].encode())  # the key's first byte
+        ends = np.cumsum([len(p) for p in pieces])
+        assert R.action_start(tok, ids) == int(np.argmax(ends > key)), text
+
+
 def test_action_values_follow_a_quote_token_of_their_own(tiny):
     """After '"action":' comes a ' "' token shared by all actions, then the value: so the choice of
     action is a choice between value tokens, not between a fused ' "-"}' and any other opening."""
@@ -959,6 +996,125 @@ def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
     assert torch.allclose(from_generate, log_pi, atol=1e-3, rtol=1e-5)
     assert torch.allclose(value_generate, value, atol=1e-5)
     assert (from_generate < 0).all()
+
+
+def _checkpoint(model, processor, path, **generation):
+    """The model saved as a real checkpoint is, with `generation` in its generation_config.json, and loaded
+    as --model loads one."""
+    model = copy.deepcopy(model)
+    for k, v in generation.items():
+        setattr(model.generation_config, k, v)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return R.load_vlm(str(path), "cpu")
+
+
+def _trained_logits(model, scale=20.0):
+    """A copy of the tiny random model with logits of a trained model's size (its own are about 0.1)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def test_rollouts_sample_from_the_policy_ppo_scores(tiny, tmp_path):
+    """A checkpoint's generation_config.json may set sampling options (Qwen2-VL's and Qwen2.5-VL's Instruct
+    models: repetition_penalty 1.05), which generate() applies wherever our config is silent. The answers
+    were then drawn from another distribution than the softmax(logits / T) whose log-probs the rollout
+    stores, while the first PPO ratio still read 1. Stored log-probs must be those generate sampled from."""
+    model, processor = _checkpoint(_trained_logits(tiny[0]), tiny[1], tmp_path, repetition_penalty=1.05, do_sample=True, top_k=5)
+    model.eval()
+    pool = R.EnvPool("ezpoints", range(4))
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "24"]))
+    torch.manual_seed(0)
+    responses, token_logp, _ = R.generate(model, inputs, config)
+    config.output_scores = config.output_logits = config.output_hidden_states = True
+    torch.manual_seed(0)
+    out = model.generate(**inputs, generation_config=config)  # the same draws, with what they were drawn from
+    sampled = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, out.sequences[:, -len(out.scores):, None])[..., 0]
+    for i, r in enumerate(responses):
+        assert torch.equal(out.sequences[i, inputs["input_ids"].shape[1]:][:len(r)], r)
+        assert torch.allclose(token_logp[i, :len(r)], sampled[i, :len(r)], atol=1e-4)
+
+
+def test_answers_end_at_every_end_token_the_checkpoint_declares(tiny, tmp_path):
+    """Gemma 3 IT ends a turn with <end_of_turn>, which its generation_config.json lists beside the
+    tokenizer's <eos>; generation stopped, and answers were cut, at the tokenizer's alone."""
+    model, processor = tiny
+    model.eval()
+    pool = R.EnvPool("numberline", range(4))
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
+    torch.manual_seed(0)
+    plain = R.generate(model, inputs, config)[0]
+    assert all(len(r) == 12 for r in plain)  # the random model never samples its EOS
+    end = int(plain[0][2])  # the third token of the first answer stands for <end_of_turn>
+    eos = processor.tokenizer.eos_token_id
+    model, processor = _checkpoint(model, processor, tmp_path, eos_token_id=[eos, end])
+    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
+    assert set(config.eos_token_id) == {eos, end}
+    torch.manual_seed(0)
+    cut = R.generate(model, inputs, config)[0]
+    for p, c in zip(plain, cut):  # the same draws, each cut after its first end token
+        n = next((k + 1 for k, t in enumerate(p.tolist()) if t == end), len(p))
+        assert torch.equal(c, p[:n])
+    assert len(cut[0]) <= 3
+
+
+def test_in_16_bits_the_first_ratio_is_one(tiny):
+    """In bf16 generate's cached decode rounds differently from a forward over prompt + answer, and so do
+    forwards of other shapes: old log pi read off generate gave the tiny model (in bf16, trained logits'
+    size) log ratios up to 0.4 before any update and a quarter of them clipped. The rollout now scores
+    its answers with the update's forward, at one shape: with lr 0 every ratio of every epoch is 1."""
+    model = _trained_logits(tiny[0]).to(torch.bfloat16).eval()
+    processor = tiny[1]
+    vh = R.make_value_head(R.text_hidden_size(model))
+    args = R.parse_args(["--task", "ezpoints", "--num-steps", "3", "--num-envs", "8", "--max-new-tokens", "16",
+                         "--minibatch-size", "8", "--micro-batch-size", "4", "--update-epochs", "2", "--target-kl", "1e9"])
+    pool = R.EnvPool("ezpoints", range(8))
+    for i, env in enumerate(pool.envs):  # formulas of different lengths: prompts of different lengths
+        for _ in range(i % 3):
+            pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
+    torch.manual_seed(0)
+    rollout = R.collect_rollout(model, vh, processor, pool, R.generation_config(model, processor, args), args, "cpu",
+                                random.Random(0), R.make_timer()[0])
+    assert rollout.shape is not None and len({len(s["prompt_ids"]) for s in rollout.samples}) > 1
+    opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=0.0)
+    g = torch.Generator().manual_seed(0)
+    stats = R.ppo_update(model, vh, opt, rollout, torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g),
+                         processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
+    assert stats["approx_kl"] == 0.0 and stats["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("arch, lora", [("llava", False), ("llava", True), ("qwen2.5-vl", False)])
+def test_gradient_checkpointing_changes_no_number(arch, lora, tmp_path):
+    """--gradient-checkpointing (a real checkpoint's default) recomputes each layer in the backward pass:
+    log pi, V(s) and every gradient as without it, with LoRA's frozen base too (non-reentrant)."""
+    if lora:
+        pytest.importorskip("peft")
+    model, processor = R.build_tiny_vlm("mini") if arch == "llava" else R.build_tiny_family(arch, "mini")
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
+    flags = ["--model", str(tmp_path / "m"), "--lora-rank", "4", "--save-dir", str(tmp_path / "x")] + (["--lora"] if lora else [])
+    samples = _samples(model.eval(), processor, n=3, seed=1, max_new_tokens=8)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m, proc, vh, _ = R.build_agent(R.parse_args(flags + [f"--{'' if checkpointing else 'no-'}gradient-checkpointing"]), "cpu")
+        assert m.is_activation_checkpointing == checkpointing
+        m.train()
+        saved = []  # what autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            log_pi, value, _ = R.score(m, vh, *R.collate(samples, proc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        (log_pi.sum() + value.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in list(m.named_parameters()) + list(vh.named_parameters()) if p.grad is not None}
+        results.append((log_pi.detach(), value.detach(), grads, sum(saved)))
+    (lp0, v0, g0, kept0), (lp1, v1, g1, kept1) = results
+    assert kept1 < 0.8 * kept0  # the layers' activations are recomputed, not kept
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > (10 if lora else 20)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
 
 
 def _rollout(samples, old_log_pi, old_values):
@@ -1167,6 +1323,43 @@ def test_nan_loss_stops_the_update(tiny):
                      processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
 
 
+def test_a_one_sample_rollout_trains(tiny):
+    """--num-envs 1 --num-steps 1: one advantage has no spread to normalise by (its std was NaN and the
+    update stopped with "policy loss is nan")."""
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=1, seed=3, task="numberline")
+    args = R.parse_args(["--num-envs", "1", "--num-steps", "1"])
+    with torch.no_grad():
+        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+    before = [p.detach().clone() for p in vh.parameters()]
+    opt = torch.optim.Adam(vh.parameters(), lr=1e-3)
+    stats = R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), torch.ones(1), old_v + 1,
+                         processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
+    assert all(math.isfinite(v) for v in stats.values())
+    assert any(not torch.equal(p, b) for p, b in zip(vh.parameters(), before))
+
+
+def test_the_kl_reference_is_scored_a_micro_batch_at_a_time(tiny, monkeypatch):
+    """The SFT policy's log-probs over the vocabulary, (B, R, V), exist for one micro-batch at a time: an
+    update's memory does not grow with rollout size x vocabulary (it kept the whole rollout's: 80-160 GB
+    for Qwen2.5-VL-7B at the official rollout sizes)."""
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=6, seed=2, task="numberline")
+    with torch.no_grad():
+        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+    rows, reference = [], R.reference_logprobs
+    monkeypatch.setattr(R, "reference_logprobs", lambda m, ref, batch, *a: rows.append(len(batch["input_ids"])) or
+                        reference(m, ref, batch, *a))
+    args = R.parse_args(["--update-epochs", "2", "--minibatch-size", "6", "--micro-batch-size", "2"])
+    opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=0.0)
+    stats = R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), torch.zeros(6), old_v, processor.tokenizer.pad_token_id,
+                         args, "cpu", random.Random(0), copy.deepcopy(model))
+    assert rows == [2] * 6  # 2 epochs x 3 micro-batches
+    assert stats["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is its own reference
+
+
 def test_evaluate_leaves_the_training_rng_alone(tiny):
     """Evaluating (or not) before RL must not change the training after it: evaluate() samples from a
     forked RNG, the same noise at every evaluation, and leaves torch's global RNG where it was."""
@@ -1180,18 +1373,18 @@ def test_evaluate_leaves_the_training_rng_alone(tiny):
     assert R.evaluate(model, processor, args, "cpu", 4) == first
 
 
-def test_a_loaded_checkpoint_gets_the_dtype_of_its_model(tiny, tmp_path, monkeypatch):
-    """--load of a real model's checkpoint on a GPU loads it in bf16 (it was fp32: the dtype followed
-    --model, which is "tiny" with --load); the tiny model stays fp32; on a CPU both are fp32."""
+def test_a_checkpoint_loads_in_the_dtype_it_was_stored_in(tiny, tmp_path):
+    """bf16 on a GPU for a checkpoint stored in 16 bits (real ones: LLaVA-1.6 in fp16, Qwen in bf16), fp32
+    for one stored in fp32 and on a CPU. It went by name: every --model that was not literally "tiny",
+    a saved tiny model too (--model runs/tiny-sft/model --lora), ran in bf16 on a GPU."""
+    from transformers import AutoConfig
     model, processor = tiny
-    asked = []
-    monkeypatch.setattr(R, "load_vlm", lambda path, device, dtype: asked.append(dtype) or (model, processor))
-    for base in ("llava-hf/llava-v1.6-mistral-7b-hf", "tiny"):
-        R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / base),
-               {"base_model": base})
-        for device in ("cuda", "cpu"):
-            R.load_checkpoint(str(tmp_path / base), torch.device(device))
-    assert asked == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
+    saved = AutoConfig.from_pretrained(tmp_path / "m")
+    assert [R.model_dtype(saved, d) for d in ("cuda", "cpu")] == [torch.float32, torch.float32]
+    for stored in ("float16", "bfloat16"):
+        real = AutoConfig.for_model("llava", dtype=stored)
+        assert [R.model_dtype(real, d) for d in ("cuda", "cpu")] == [torch.bfloat16, torch.float32]
 
 
 def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
@@ -1250,6 +1443,47 @@ def test_default_save_dirs_never_share_a_folder():
     dirs = [R.parse_args(a).save_dir for a in argvs]
     assert len(set(dirs)) == len(dirs), dirs
     assert dirs[0] == os.path.join("runs", "numberline-s1")  # the README's commands read this folder
+
+
+def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
+    """A real checkpoint (a hub id, or a folder this file did not build from the tiny model) gets the
+    defaults that fit a 7B model with --lora on one 80 GB GPU; the tiny model, and what is trained from it
+    (through LoRA bases too), keeps the CPU defaults; flags given win."""
+    real = {"micro_batch_size": 4, "num_envs": 4, "max_new_tokens": 256, "lr": 1e-5, "gradient_checkpointing": True}
+    tiny = {"micro_batch_size": 32, "num_envs": 8, "max_new_tokens": 96, "lr": 1e-4, "gradient_checkpointing": False}
+    assert {k: v[1] for k, v in R.SCALE_DEFAULTS.items()} == real and {k: v[0] for k, v in R.SCALE_DEFAULTS.items()} == tiny
+
+    def defaults(*argv):
+        args = R.parse_args(list(argv))
+        return {k: getattr(args, k) for k in real}, args.tiny
+
+    sft, lora, hub = tmp_path / "sft", tmp_path / "lora", tmp_path / "hub"
+    for folder, meta in ((sft, {"base_model": "tiny"}), (lora, {"base_model": str(sft), "lora": True}), (hub, None)):
+        folder.mkdir()
+        if meta:
+            (folder / "rl4vlm.json").write_text(json.dumps(meta))
+    assert defaults() == (tiny, True) and defaults("--tiny-arch", "gemma3") == (tiny, True)
+    assert defaults("--model", "llava-hf/llava-v1.6-mistral-7b-hf", "--lora") == (real, False)
+    assert defaults("--model", str(hub)) == (real, False) and defaults("--load", str(hub)) == (real, False)
+    assert defaults("--model", str(sft), "--lora") == (tiny, True) and defaults("--load", str(lora)) == (tiny, True)
+    args = R.parse_args(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--micro-batch-size", "2", "--no-gradient-checkpointing"])
+    assert (args.micro_batch_size, args.gradient_checkpointing, args.num_envs) == (2, False, 4)
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_flags(monkeypatch, tmp_path):
+    args = R.parse_args(["--sft-steps", "0", "--num-updates", "1", "--eval-episodes", "0", "--save-dir", str(tmp_path)])
+
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(R, "collect_rollout", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        R.cli(args)
+    message = str(stop.value)
+    assert "\n" not in message and "out of GPU memory" in message
+    assert all(f in message for f in ("--micro-batch-size (now 32)", "--num-envs (8)", "--max-new-tokens (96)",
+                                      "--gradient-checkpointing"))
+    assert not (tmp_path / "model").exists()
 
 
 def test_load_defaults_to_the_saved_task_and_format(tmp_path):
@@ -1422,7 +1656,7 @@ def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
     model = LlavaNextForConditionalGeneration(config)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    model, processor = R.load_vlm(str(tmp_path), "cpu", torch.float32)  # what --model PATH does
+    model, processor = R.load_vlm(str(tmp_path), "cpu")  # what --model PATH does
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     model.eval()
     samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
@@ -1450,6 +1684,22 @@ def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
     assert meta["lora"] is True and meta["base_model"] == str(base)
     trainable = [n for n, p in loaded.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_a_lora_run_from_a_relative_folder_loads_from_anywhere(tiny, tmp_path, monkeypatch):
+    """rl4vlm.json's base_model was the --model argument as typed: a relative folder, which a LoRA adapter
+    could not find once loaded from another directory."""
+    pytest.importorskip("peft")
+    model, processor = tiny
+    (tmp_path / "work").mkdir()
+    model.save_pretrained(tmp_path / "work" / "base")
+    processor.save_pretrained(tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    assert R.main(R.parse_args(["--model", "base", "--lora", "--lora-rank", "4", "--sft-steps", "1", "--sft-batch-size",
+                                "2", "--num-updates", "0", "--eval-episodes", "0", "--save-dir", "run"])) == 0
+    monkeypatch.chdir(tmp_path)
+    loaded, _, _, meta = R.load_checkpoint(str(tmp_path / "work" / "run" / "model"), "cpu")
+    assert meta["base_model"] == str(tmp_path / "work" / "base") and meta["lora"]
 
 
 # --- rl4vlm.py: every VLM family through one code path, each on a tiny random-weight copy
@@ -1602,7 +1852,7 @@ def test_a_qwen_checkpoint_folder_trains_with_model_path(tmp_path):
     folder.mkdir()
     tok = _qwen_checkpoint_folder(folder)
     assert not (folder / "processor_config.json").exists()
-    model, processor = R.load_vlm(str(folder), "cpu", torch.float32)
+    model, processor = R.load_vlm(str(folder), "cpu")
     assert type(processor).__name__ == "Qwen2_5_VLProcessor" and processor.tokenizer.padding_side == "left"
     text = R.chat_texts(processor, ["Hi"])[0]
     assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
@@ -1616,6 +1866,28 @@ def test_a_qwen_checkpoint_folder_trains_with_model_path(tmp_path):
     assert meta["base_model"] == str(folder) and type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert torch.equal(R.process(lproc, ["Hi"], [envs.make("numberline").reset(seed=0)[0]], "cpu")["input_ids"],
                        inputs["input_ids"])
+
+
+def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
+    """tools/gpu_check.py --shrink: folders in llava-v1.6-mistral-7b's and Qwen2.5-VL-7B's hub layout (real
+    vocabularies, token ids, image processors, chat templates, Qwen's generation_config.json) with small
+    layers, each trained by the README's real-model command for an SFT step and 2 PPO updates."""
+    pytest.importorskip("peft")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tools", "gpu_check.py"), "--shrink", "--out", str(tmp_path),
+                        "--sft-steps", "1", "--num-steps", "1", "--flags", "--lora-rank 8 --num-envs 1 --sft-batch-size 1 "
+                        "--max-new-tokens 8 --minibatch-size 1 --micro-batch-size 1"],
+                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| llava-hf/") or line.startswith("| Qwen/")]
+    assert len(rows) == 2 and all("(shrunk)" in row for row in rows)
+    for name, vocab, image_token, special, ends in (("llava-next", 32064, "<image>", 32000, [2]),
+                                                    ("qwen2.5-vl", 152064, "<|image_pad|>", 151655, [151643, 151645])):
+        model, processor = R.load_vlm(str(tmp_path / name), "cpu")
+        assert model.config.get_text_config().vocab_size == vocab
+        assert processor.tokenizer.convert_tokens_to_ids(image_token) == special
+        assert R.end_tokens(model, processor.tokenizer) == ends
+        assert model.generation_config.repetition_penalty is None  # Qwen's 1.05 is not sampled with
+        assert (tmp_path / f"run-{name}" / "model" / "adapter_config.json").exists()
 
 
 def test_a_folder_without_an_image_processor_is_one_clear_line(tiny, tmp_path):
@@ -1638,4 +1910,4 @@ def test_a_family_this_code_cannot_train_is_refused_in_one_line(tmp_path):
     from transformers import AutoConfig
     AutoConfig.for_model("paligemma").save_pretrained(tmp_path)
     with pytest.raises(R.LoadError, match="not supported: PaliGemma's token_type_ids"):
-        R.load_vlm(str(tmp_path), "cpu", torch.float32)
+        R.load_vlm(str(tmp_path), "cpu")
