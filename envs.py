@@ -9,36 +9,12 @@ Learning", Zhai et al. 2024, https://arxiv.org/abs/2405.10292. The agent sees on
     Points24    write a formula with the four cards that equals 24 (+ - * / ( ) as well)
     Blackjack   "stand" or "hit" against a dealer whose second card is face down
 
-Rules follow the official environments (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs);
-the deliberate departures from them, each with its reason:
-  * all randomness (deals, suits, draws) goes through the env's own `self.np_random`, so
-    `reset(seed=s)` reproduces a deal and its images exactly (the official NumberLine, EZPoints and
-    Points24 deal with Python's global `random`, so their deals do not follow reset(seed));
-  * formulas are evaluated exactly with `fractions.Fraction` by a small recursive-descent parser
-    (`evaluate`), never `eval`: the official `eval("".join(formula))` uses float division, so there
-    8 / (3 - 8 / 3) is 23.99999999999999, not 24; here it is exactly 24 (a true solution must
-    score). The parser knows only what the game offers, numbers, + - * / and brackets, so Python
-    syntax that `eval` also accepts is a wrong answer here, not a solution: two numbers in a row do
-    not concatenate (officially "1", "2" makes 12), and there is no unary minus or plus, no "**"
-    and no "//" (officially "2", "*", "*", "3" is 2**3, "3", "-", "-", "3" is 3 - (-3) = 6 and
-    "8", "/", "/", "3" is 8 // 3 = 2). A malformed formula or a division by zero is a wrong
-    answer (-1), never an exception;
-  * a number that no unused card shows writes a visible blank "_" (officially an invisible " "),
-    so that the image and info["formula"] show the formula as the env holds it; like the official
-    space it counts toward the formula's length, uses no card and is skipped when the formula is
-    evaluated (but it never joins two numbers);
-  * a formula longer than `max_units` units ends the episode at the next step with -1, as officially,
-    but as terminated (a lost game), not truncated, so that GAE does not bootstrap through it;
-  * Blackjack draws the rank of a card uniformly from A..K, as from a real deck, so a 10-valued
-    card shows as 10, J, Q or K (officially J, Q or K only, never a 10); the values, and so the
-    rewards, have the same distribution. The final image shows the dealer's whole hand, to show how
-    the hand ended (officially the hole card stays face down; no action is taken on that image);
-  * nothing is read from disk, so the module is self-contained: cards and text are drawn with
-    Pillow's built-in font at 224 px by default (officially 300 px, from card PNG files and a
-    DejaVu font), and the layouts are sized to stay legible after downscaling to 112x112 or 84x84;
-    Points24's four cards sit whole eighths of the image apart, so that a ViT cuts each card into
-    patches the same way (Points24Env.card_grid);
-    info uses lower-case keys and adds fields (e.g. Blackjack's totals).
+Rules follow the official environments (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs), with
+a few deliberate departures listed, each with its reason, in docs/departures.md: all randomness
+goes through the env's own `self.np_random` (so `reset(seed=s)` reproduces a deal and its images),
+formulas are evaluated exactly by a small parser (`evaluate`, never `eval`), a number no unused card
+shows writes a visible blank "_", a formula that grows too long is a lost game (terminated), and
+cards and text are drawn with Pillow's built-in font at 224 px, nothing read from disk.
 Each env also has `expert_action()`, the best action from the true state (exact solver for
 the formula games, a dynamic-programming policy for Blackjack), used for demonstrations.
 

@@ -14,6 +14,7 @@ import runpy
 import subprocess
 import sys
 import warnings
+from fractions import Fraction
 
 import gymnasium as gym
 import numpy as np
@@ -25,11 +26,7 @@ import envs
 import rl4vlm as R
 
 
-# --- environments
-
-import re  # noqa: E402  (the official rules' test)
-from fractions import Fraction  # noqa: E402
-
+# --- environments (envs.py)
 
 def play(env, *names):
     """Step by action names; returns the list of (reward, terminated, truncated, info)."""
@@ -458,6 +455,7 @@ def test_reading_probe_scores_state_fields():
 # plain functions. They are fed the deals and draws of our envs (the official ones use other random
 # streams), and test_rules_match_the_official_gym_cards checks that every step scores the same.
 
+
 def official_formula_step(state, name, numbers, target, max_len, exact=False):
     """One official EZPoints (max_len 5) / Points24 (max_len 20) step. state: {"formula": [...],
     "used": [...]}, changed in place; numbers: the card values. -> (reward, terminated, truncated).
@@ -657,10 +655,69 @@ def test_declared_differences_from_the_official_rules(task, cards, actions, offi
     assert official == (official_reward, True, False) and ours[:3] == (our_reward, True, False)
 
 
-# --- rl4vlm.py: prompts and action parsing
+# --- rl4vlm.py: arguments, prompts and action parsing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 P24 = envs.make("points24").action_names
+
+
+def test_default_save_dirs_never_share_a_folder():
+    """Runs that differ in task, CoT, seed, architecture or --load write to different folders by default,
+    so running another one never overwrites a saved model (a tiny Qwen run once wrote into the LLaVA's)."""
+    argvs = [[], ["--seed", "2"], ["--no-cot"], ["--task", "blackjack"], ["--tiny-arch", "qwen2.5-vl"],
+             ["--tiny-arch", "gemma3", "--no-cot"], ["--load", "runs/numberline-s1/model"]]
+    dirs = [R.parse_args(a).save_dir for a in argvs]
+    assert len(set(dirs)) == len(dirs), dirs
+    assert dirs[0] == os.path.join("runs", "numberline-s1")  # the README's commands read this folder
+
+
+def test_load_defaults_to_the_saved_task_and_format(tmp_path):
+    """--load without --task goes on with the task and CoT setting the model was trained with (it ran
+    NumberLine on a Points24 model); flags given on the command line still win."""
+    (tmp_path / "rl4vlm.json").write_text(json.dumps({"task": "blackjack", "cot": False}))
+    args = R.parse_args(["--load", str(tmp_path)])
+    assert (args.task, args.no_cot) == ("blackjack", True)
+    assert args.save_dir == os.path.join("runs", "blackjack-nocot-s1-load")
+    assert R.parse_args(["--load", str(tmp_path), "--task", "ezpoints"]).task == "ezpoints"
+    (tmp_path / "rl4vlm.json").write_text("{not json")  # unreadable: the defaults, and loading reports it
+    assert (R.parse_args(["--load", str(tmp_path)]).task, R.parse_args([]).no_cot) == ("numberline", False)
+
+
+def test_sft_demo_defaults_per_task(tmp_path):
+    for task, (steps, expert_prob, restart_prob) in R.SFT_DEMOS.items():
+        args = R.parse_args(["--task", task])
+        assert (args.sft_steps, args.sft_expert_prob, args.sft_restart_prob) == (steps, expert_prob, restart_prob)
+    assert R.SFT_DEMOS["ezpoints"][1:] == R.SFT_DEMOS["points24"][1:] == (1.0, 0.5)
+    assert R.SFT_DEMOS["numberline"][1:] == R.SFT_DEMOS["blackjack"][1:] == (0.0, 0.0)
+    assert R.SFT_DEMOS["points24"][0] > R.SFT_DEMOS["ezpoints"][0]  # four cards take longer to read
+    assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
+    args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
+    assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
+
+
+def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
+    """A real checkpoint (a hub id, or a folder this file did not build from the tiny model) gets the
+    defaults that fit a 7B model with --lora on one 80 GB GPU; the tiny model, and what is trained from it
+    (through LoRA bases too), keeps the CPU defaults; flags given win."""
+    real = {"micro_batch_size": 4, "num_envs": 4, "max_new_tokens": 256, "lr": 1e-5, "gradient_checkpointing": True}
+    tiny = {"micro_batch_size": 32, "num_envs": 8, "max_new_tokens": 96, "lr": 1e-4, "gradient_checkpointing": False}
+    assert {k: v[1] for k, v in R.SCALE_DEFAULTS.items()} == real and {k: v[0] for k, v in R.SCALE_DEFAULTS.items()} == tiny
+
+    def defaults(*argv):
+        args = R.parse_args(list(argv))
+        return {k: getattr(args, k) for k in real}, args.tiny
+
+    sft, lora, hub = tmp_path / "sft", tmp_path / "lora", tmp_path / "hub"
+    for folder, meta in ((sft, {"base_model": "tiny"}), (lora, {"base_model": str(sft), "lora": True}), (hub, None)):
+        folder.mkdir()
+        if meta:
+            (folder / "rl4vlm.json").write_text(json.dumps(meta))
+    assert defaults() == (tiny, True) and defaults("--tiny-arch", "gemma3") == (tiny, True)
+    assert defaults("--model", "llava-hf/llava-v1.6-mistral-7b-hf", "--lora") == (real, False)
+    assert defaults("--model", str(hub)) == (real, False) and defaults("--load", str(hub)) == (real, False)
+    assert defaults("--model", str(sft), "--lora") == (tiny, True) and defaults("--load", str(lora)) == (tiny, True)
+    args = R.parse_args(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--micro-batch-size", "2", "--no-gradient-checkpointing"])
+    assert (args.micro_batch_size, args.gradient_checkpointing, args.num_envs) == (2, False, 4)
 
 
 def test_parse_action_well_formed_and_messy():
@@ -718,8 +775,9 @@ def test_prompts_list_actions_and_formats():
     env.step(env.action_names.index("10"))
     info = env.step(env.action_names.index("+"))[4]
     p = R.build_prompt("ezpoints", env.action_names, info, cot=True)
-    assert "10 +" in p and '"=", ' not in p[:0]
-    assert all(f'"{a}"' in p for a in env.action_names)
+    assert "The formula so far is '10 +'." in p  # the formula so far, as the official prompt shows it
+    legal = re.search(r"Legal actions: (.*)\.\n", p).group(1)
+    assert legal == ", ".join(f'"{a}"' for a in env.action_names)  # every legal action, each once
     assert p.index('"cards"') < p.index('"thoughts"') < p.index('"action"')  # CoT first, action last
     q = R.build_prompt("ezpoints", env.action_names, info, cot=False)
     assert '"thoughts"' not in q and '"action"' in q
@@ -736,7 +794,7 @@ def test_demo_answers_parse_back(task):
             assert list(json.loads(text))[-1] == "action"
 
 
-# --- rl4vlm.py: the tiny model, scoring, GAE, PPO, saving
+# --- rl4vlm.py: the model, its inputs and generation
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -756,6 +814,35 @@ def _samples(model, processor, n=4, seed=0, task="ezpoints", max_new_tokens=12):
     torch.manual_seed(seed)
     responses = R.generate(model, inputs, R.generation_config(model, processor, args))[0]
     return [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(n)]
+
+
+def test_a_checkpoint_loads_in_the_dtype_it_was_stored_in(tiny, tmp_path):
+    """bf16 on a GPU for a checkpoint stored in 16 bits (real ones: LLaVA-1.6 in fp16, Qwen in bf16), fp32
+    for one stored in fp32 and on a CPU. It went by name: every --model that was not literally "tiny",
+    a saved tiny model too (--model runs/tiny-sft/model --lora), ran in bf16 on a GPU."""
+    from transformers import AutoConfig
+    model, processor = tiny
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
+    saved = AutoConfig.from_pretrained(tmp_path / "m")
+    assert [R.model_dtype(saved, d) for d in ("cuda", "cpu")] == [torch.float32, torch.float32]
+    for stored in ("float16", "bfloat16"):
+        real = AutoConfig.for_model("llava", dtype=stored)
+        assert [R.model_dtype(real, d) for d in ("cuda", "cpu")] == [torch.bfloat16, torch.float32]
+
+
+def test_lora_wraps_only_the_language_model(tiny):
+    peft = pytest.importorskip("peft")
+    model, _ = R.build_tiny_vlm("mini")
+    wrapped = R.add_lora(model, rank=4)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    assert isinstance(wrapped, peft.PeftModel)
+
+
+def test_lora_without_peft_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(SystemExit, match="--lora needs peft: pip install peft"):
+        R.add_lora(torch.nn.Linear(2, 2), rank=4)
 
 
 def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
@@ -793,6 +880,99 @@ def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
     check(prompts[:2] + prompts[6:], pool.obs[:2] + pool.obs[6:])  # 2 kept + 4 new > 8: starts again
     assert len(R.PROCESSED[processor]) == 6
 
+
+def _checkpoint(model, processor, path, **generation):
+    """The model saved as a real checkpoint is, with `generation` in its generation_config.json, and loaded
+    as --model loads one."""
+    model = copy.deepcopy(model)
+    for k, v in generation.items():
+        setattr(model.generation_config, k, v)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return R.load_vlm(str(path), "cpu")
+
+
+def _trained_logits(model, scale=20.0):
+    """A copy of the tiny random model with logits of a trained model's size (its own are about 0.1)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+def test_rollouts_sample_from_the_policy_ppo_scores(tiny, tmp_path):
+    """A checkpoint's generation_config.json may set sampling options (Qwen2-VL's and Qwen2.5-VL's Instruct
+    models: repetition_penalty 1.05), which generate() applies wherever our config is silent. The answers
+    were then drawn from another distribution than the softmax(logits / T) whose log-probs the rollout
+    stores, while the first PPO ratio still read 1. Stored log-probs must be those generate sampled from."""
+    model, processor = _checkpoint(_trained_logits(tiny[0]), tiny[1], tmp_path, repetition_penalty=1.05, do_sample=True, top_k=5)
+    model.eval()
+    pool = R.EnvPool("ezpoints", range(4))
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "24"]))
+    torch.manual_seed(0)
+    responses, token_logp, _ = R.generate(model, inputs, config)
+    config.output_scores = config.output_logits = config.output_hidden_states = True
+    torch.manual_seed(0)
+    out = model.generate(**inputs, generation_config=config)  # the same draws, with what they were drawn from
+    sampled = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, out.sequences[:, -len(out.scores):, None])[..., 0]
+    for i, r in enumerate(responses):
+        assert torch.equal(out.sequences[i, inputs["input_ids"].shape[1]:][:len(r)], r)
+        assert torch.allclose(token_logp[i, :len(r)], sampled[i, :len(r)], atol=1e-4)
+
+
+def test_answers_end_at_every_end_token_the_checkpoint_declares(tiny, tmp_path):
+    """Gemma 3 IT ends a turn with <end_of_turn>, which its generation_config.json lists beside the
+    tokenizer's <eos>; generation stopped, and answers were cut, at the tokenizer's alone."""
+    model, processor = tiny
+    model.eval()
+    pool = R.EnvPool("numberline", range(4))
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
+    torch.manual_seed(0)
+    plain = R.generate(model, inputs, config)[0]
+    assert all(len(r) == 12 for r in plain)  # the random model never samples its EOS
+    end = int(plain[0][2])  # the third token of the first answer stands for <end_of_turn>
+    eos = processor.tokenizer.eos_token_id
+    model, processor = _checkpoint(model, processor, tmp_path, eos_token_id=[eos, end])
+    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
+    assert set(config.eos_token_id) == {eos, end}
+    torch.manual_seed(0)
+    cut = R.generate(model, inputs, config)[0]
+    for p, c in zip(plain, cut):  # the same draws, each cut after its first end token
+        n = next((k + 1 for k, t in enumerate(p.tolist()) if t == end), len(p))
+        assert torch.equal(c, p[:n])
+    assert len(cut[0]) <= 3
+
+
+def test_generate_and_scoring_see_the_same_context(tiny):
+    """Greedy answers from a left-padded batch are the argmax of the scoring forward at every token."""
+    model, processor = tiny
+    model.eval()
+    pool = R.EnvPool("ezpoints", range(5, 8))
+    for _ in range(2):
+        pool.obs[2], _, _, _, pool.infos[2] = pool.envs[2].step(pool.envs[2].expert_action())
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    gc = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "10"]))
+    gc.do_sample = False
+    responses = R.generate(model, inputs, gc)[0]
+    samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
+    batch = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = R.answer_logp(R.token_logprobs(model, batch, temperature=1.0)[0], batch)
+    for i, s in enumerate(samples):
+        n = len(s["response_ids"])
+        greedy_lp = logp[i, :n]
+        # every greedy token has the largest log-prob; compare with the logsumexp bound log p <= 0
+        ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids, **s["image"]).logits[0]
+        logits[:, model.config.image_token_id] = float("-inf")
+        best = torch.log_softmax(logits, -1)[len(s["prompt_ids"]) - 1:-1].max(-1).values[:n]
+        assert torch.allclose(greedy_lp, best, atol=1e-4)
+
+
+# --- rl4vlm.py: scoring
 
 def test_action_start_splits_at_the_action_key(tiny):
     _, processor = tiny
@@ -875,42 +1055,15 @@ def test_action_values_follow_a_quote_token_of_their_own(tiny):
             assert "".join(pieces[k + 1:]) == name + '"}'
 
 
-@pytest.mark.parametrize("restart_prob", [0.0, 1.0])
-def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, restart_prob):
-    """The formula games' SFT starts episodes over (the formula so far gives away the cards played):
-    at --sft-restart-prob 1 every demonstration is a start state, at 0 the expert's episodes go on."""
-    seen = []
-    demo = R.format_response
-    monkeypatch.setattr(R, "format_response", lambda task, info, *a: seen.append(info["formula"]) or demo(task, info, *a))
-    args = R.parse_args(["--task", "ezpoints", "--sft-steps", "3", "--sft-batch-size", "4",
-                         "--sft-restart-prob", str(restart_prob)])
-    assert args.sft_expert_prob == 1
-    R.sft(copy.deepcopy(tiny[0]), tiny[1], args, "cpu")
-    assert len(seen) == 12 and seen[:4] == [""] * 4
-    assert (set(seen) == {""}) == (restart_prob == 1)
-
-
-def test_sft_demo_defaults_per_task(tmp_path):
-    for task, (steps, expert_prob, restart_prob) in R.SFT_DEMOS.items():
-        args = R.parse_args(["--task", task])
-        assert (args.sft_steps, args.sft_expert_prob, args.sft_restart_prob) == (steps, expert_prob, restart_prob)
-    assert R.SFT_DEMOS["ezpoints"][1:] == R.SFT_DEMOS["points24"][1:] == (1.0, 0.5)
-    assert R.SFT_DEMOS["numberline"][1:] == R.SFT_DEMOS["blackjack"][1:] == (0.0, 0.0)
-    assert R.SFT_DEMOS["points24"][0] > R.SFT_DEMOS["ezpoints"][0]  # four cards take longer to read
-    assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
-    args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
-    assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
-
-
 def test_scaled_logprob_matches_hand_computation(tiny):
     model, processor = tiny
     model.eval()
     vh = R.make_value_head(R.text_hidden_size(model))
     samples = _samples(model, processor)
     T, lam = 0.2, 0.5
-    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    batch = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        log_pi, value, _ = R.score(model, vh, batch, P, Rn, T, lam)
+        log_pi, value, _ = R.score(model, vh, batch, T, lam)
     for i, s in enumerate(samples):
         ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
         with torch.no_grad():
@@ -932,9 +1085,9 @@ def _assert_batched_equals_single(model, processor, samples):
     assert len({len(s["prompt_ids"]) for s in samples}) > 1  # padding really happens
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        batched = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        batched = R.score(model, vh, R.collate(samples, pad, "cpu"), 0.2, 0.5)
         for i, s in enumerate(samples):
-            single = R.score(model, vh, *R.collate([s], pad, "cpu"), 0.2, 0.5)
+            single = R.score(model, vh, R.collate([s], pad, "cpu"), 0.2, 0.5)
             assert batched[0][i].item() == pytest.approx(single[0].item(), abs=1e-3, rel=1e-5)
             assert batched[1][i].item() == pytest.approx(single[1].item(), abs=1e-5)
 
@@ -945,31 +1098,38 @@ def test_batched_scoring_equals_one_at_a_time(tiny):
     _assert_batched_equals_single(model, processor, _samples(model, processor, n=4, seed=1))
 
 
-def test_generate_and_scoring_see_the_same_context(tiny):
-    """Greedy answers from a left-padded batch are the argmax of the scoring forward at every token."""
-    model, processor = tiny
+def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
+    """LLaVA-1.6 (NeXT): pixel_values (B, tiles, 3, H, W) plus image_sizes go through process, make_sample,
+    collate and score; a batch scores as each sample alone, and the saved folder loads as --model PATH."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+    tok = tiny[1].tokenizer
+    pinpoints = [[224, 224], [112, 224], [224, 112]]  # the 224x224 env images -> 2x2 tiles + the base image
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112},
+                                                 image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=R.CHAT_TEMPLATE)
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=112, patch_size=14),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=2048,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=64)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model, processor = R.load_vlm(str(tmp_path), "cpu")  # what --model PATH does
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     model.eval()
-    pool = R.EnvPool("ezpoints", range(5, 8))
-    for _ in range(2):
-        pool.obs[2], _, _, _, pool.infos[2] = pool.envs[2].step(pool.envs[2].expert_action())
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    gc = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "10"]))
-    gc.do_sample = False
-    responses = R.generate(model, inputs, gc)[0]
-    samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
-    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
-    with torch.no_grad():
-        logp = R.answer_logp(R.token_logprobs(model, batch, P, Rn, temperature=1.0)[0], batch, P)
-    for i, s in enumerate(samples):
-        n = len(s["response_ids"])
-        greedy_lp = logp[i, :n]
-        # every greedy token has the largest log-prob; compare with the logsumexp bound log p <= 0
-        ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
-        with torch.no_grad():
-            logits = model(input_ids=ids, **s["image"]).logits[0]
-        logits[:, model.config.image_token_id] = float("-inf")
-        best = torch.log_softmax(logits, -1)[len(s["prompt_ids"]) - 1:-1].max(-1).values[:n]
-        assert torch.allclose(greedy_lp, best, atol=1e-4)
+    samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
+    assert samples[0]["image"]["pixel_values"].shape == (1, 5, 3, 112, 112)  # 4 tiles + the base image
+    assert samples[0]["image"]["image_sizes"].tolist() == [[224, 224]]
+    _assert_batched_equals_single(model, processor, samples)
 
 
 def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
@@ -992,74 +1152,67 @@ def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
     with torch.no_grad():
         from_generate = R.lambda_log_pi(token_logp, thought_mask, action_mask, 0.5)
         value_generate = vh(hidden)[:, 0]
-        log_pi, value, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.7, 0.5)
+        log_pi, value, _ = R.score(model, vh, R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.7, 0.5)
     assert torch.allclose(from_generate, log_pi, atol=1e-3, rtol=1e-5)
     assert torch.allclose(value_generate, value, atol=1e-5)
     assert (from_generate < 0).all()
 
 
-def _checkpoint(model, processor, path, **generation):
-    """The model saved as a real checkpoint is, with `generation` in its generation_config.json, and loaded
-    as --model loads one."""
-    model = copy.deepcopy(model)
-    for k, v in generation.items():
-        setattr(model.generation_config, k, v)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return R.load_vlm(str(path), "cpu")
+@pytest.mark.parametrize("arch, lora", [("llava", False), ("llava", True), ("qwen2.5-vl", False)])
+def test_gradient_checkpointing_changes_no_number(arch, lora, tmp_path):
+    """--gradient-checkpointing (a real checkpoint's default) recomputes each layer in the backward pass:
+    log pi, V(s) and every gradient as without it, with LoRA's frozen base too (non-reentrant)."""
+    if lora:
+        pytest.importorskip("peft")
+    model, processor = R.build_tiny_vlm("mini") if arch == "llava" else R.build_tiny_family(arch, "mini")
+    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
+    flags = ["--model", str(tmp_path / "m"), "--lora-rank", "4", "--save-dir", str(tmp_path / "x")] + (["--lora"] if lora else [])
+    samples = _samples(model.eval(), processor, n=3, seed=1, max_new_tokens=8)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        agent = R.build_agent(R.parse_args(flags + [f"--{'' if checkpointing else 'no-'}gradient-checkpointing"]), "cpu")
+        m, proc, vh = agent.model, agent.processor, agent.value_head
+        assert m.is_activation_checkpointing == checkpointing
+        m.train()
+        saved = []  # what autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            log_pi, value, _ = R.score(m, vh, R.collate(samples, proc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        (log_pi.sum() + value.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in list(m.named_parameters()) + list(vh.named_parameters()) if p.grad is not None}
+        results.append((log_pi.detach(), value.detach(), grads, sum(saved)))
+    (lp0, v0, g0, kept0), (lp1, v1, g1, kept1) = results
+    assert kept1 < 0.8 * kept0  # the layers' activations are recomputed, not kept
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > (10 if lora else 20)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
 
 
-def _trained_logits(model, scale=20.0):
-    """A copy of the tiny random model with logits of a trained model's size (its own are about 0.1)."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    return model
+# --- rl4vlm.py: SFT, rollouts, GAE, PPO and evaluation
+
+@pytest.mark.parametrize("restart_prob", [0.0, 1.0])
+def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, restart_prob):
+    """The formula games' SFT starts episodes over (the formula so far gives away the cards played):
+    at --sft-restart-prob 1 every demonstration is a start state, at 0 the expert's episodes go on."""
+    seen = []
+    demo = R.format_response
+    monkeypatch.setattr(R, "format_response", lambda task, info, *a: seen.append(info["formula"]) or demo(task, info, *a))
+    args = R.parse_args(["--task", "ezpoints", "--sft-steps", "3", "--sft-batch-size", "4",
+                         "--sft-restart-prob", str(restart_prob)])
+    assert args.sft_expert_prob == 1
+    R.sft(_agent(copy.deepcopy(tiny[0]), tiny[1]), args)
+    assert len(seen) == 12 and seen[:4] == [""] * 4
+    assert (set(seen) == {""}) == (restart_prob == 1)
 
 
-def test_rollouts_sample_from_the_policy_ppo_scores(tiny, tmp_path):
-    """A checkpoint's generation_config.json may set sampling options (Qwen2-VL's and Qwen2.5-VL's Instruct
-    models: repetition_penalty 1.05), which generate() applies wherever our config is silent. The answers
-    were then drawn from another distribution than the softmax(logits / T) whose log-probs the rollout
-    stores, while the first PPO ratio still read 1. Stored log-probs must be those generate sampled from."""
-    model, processor = _checkpoint(_trained_logits(tiny[0]), tiny[1], tmp_path, repetition_penalty=1.05, do_sample=True, top_k=5)
-    model.eval()
-    pool = R.EnvPool("ezpoints", range(4))
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "24"]))
-    torch.manual_seed(0)
-    responses, token_logp, _ = R.generate(model, inputs, config)
-    config.output_scores = config.output_logits = config.output_hidden_states = True
-    torch.manual_seed(0)
-    out = model.generate(**inputs, generation_config=config)  # the same draws, with what they were drawn from
-    sampled = torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, out.sequences[:, -len(out.scores):, None])[..., 0]
-    for i, r in enumerate(responses):
-        assert torch.equal(out.sequences[i, inputs["input_ids"].shape[1]:][:len(r)], r)
-        assert torch.allclose(token_logp[i, :len(r)], sampled[i, :len(r)], atol=1e-4)
+def _agent(model, processor, value_head=None, ref=None):
+    return R.Agent(model, processor, value_head, torch.device("cpu"), "tiny", ref)
 
 
-def test_answers_end_at_every_end_token_the_checkpoint_declares(tiny, tmp_path):
-    """Gemma 3 IT ends a turn with <end_of_turn>, which its generation_config.json lists beside the
-    tokenizer's <eos>; generation stopped, and answers were cut, at the tokenizer's alone."""
-    model, processor = tiny
-    model.eval()
-    pool = R.EnvPool("numberline", range(4))
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
-    torch.manual_seed(0)
-    plain = R.generate(model, inputs, config)[0]
-    assert all(len(r) == 12 for r in plain)  # the random model never samples its EOS
-    end = int(plain[0][2])  # the third token of the first answer stands for <end_of_turn>
-    eos = processor.tokenizer.eos_token_id
-    model, processor = _checkpoint(model, processor, tmp_path, eos_token_id=[eos, end])
-    config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
-    assert set(config.eos_token_id) == {eos, end}
-    torch.manual_seed(0)
-    cut = R.generate(model, inputs, config)[0]
-    for p, c in zip(plain, cut):  # the same draws, each cut after its first end token
-        n = next((k + 1 for k, t in enumerate(p.tolist()) if t == end), len(p))
-        assert torch.equal(c, p[:n])
-    assert len(cut[0]) <= 3
+def _rollout(samples, old_log_pi, old_values):
+    """A Rollout with what ppo_update reads: the samples and their old log pi and V(s)."""
+    return R.Rollout(samples, old_log_pi, old_values, *[None] * 5, finished=[], invalid=[])
 
 
 def test_in_16_bits_the_first_ratio_is_one(tiny):
@@ -1077,49 +1230,14 @@ def test_in_16_bits_the_first_ratio_is_one(tiny):
         for _ in range(i % 3):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
     torch.manual_seed(0)
-    rollout = R.collect_rollout(model, vh, processor, pool, R.generation_config(model, processor, args), args, "cpu",
+    rollout = R.collect_rollout(_agent(model, processor, vh), pool, R.generation_config(model, processor, args), args,
                                 random.Random(0), R.make_timer()[0])
     assert rollout.shape is not None and len({len(s["prompt_ids"]) for s in rollout.samples}) > 1
     opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=0.0)
     g = torch.Generator().manual_seed(0)
-    stats = R.ppo_update(model, vh, opt, rollout, torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g),
-                         processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
+    stats = R.ppo_update(_agent(model, processor, vh), opt, rollout, torch.randn(3, 8, generator=g),
+                         torch.randn(3, 8, generator=g), args, random.Random(0))
     assert stats["approx_kl"] == 0.0 and stats["clip_frac"] == 0.0
-
-
-@pytest.mark.parametrize("arch, lora", [("llava", False), ("llava", True), ("qwen2.5-vl", False)])
-def test_gradient_checkpointing_changes_no_number(arch, lora, tmp_path):
-    """--gradient-checkpointing (a real checkpoint's default) recomputes each layer in the backward pass:
-    log pi, V(s) and every gradient as without it, with LoRA's frozen base too (non-reentrant)."""
-    if lora:
-        pytest.importorskip("peft")
-    model, processor = R.build_tiny_vlm("mini") if arch == "llava" else R.build_tiny_family(arch, "mini")
-    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
-    flags = ["--model", str(tmp_path / "m"), "--lora-rank", "4", "--save-dir", str(tmp_path / "x")] + (["--lora"] if lora else [])
-    samples = _samples(model.eval(), processor, n=3, seed=1, max_new_tokens=8)
-    results = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        m, proc, vh, _ = R.build_agent(R.parse_args(flags + [f"--{'' if checkpointing else 'no-'}gradient-checkpointing"]), "cpu")
-        assert m.is_activation_checkpointing == checkpointing
-        m.train()
-        saved = []  # what autograd keeps for the backward pass
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            log_pi, value, _ = R.score(m, vh, *R.collate(samples, proc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
-        (log_pi.sum() + value.sum()).backward()
-        grads = {n: p.grad.clone() for n, p in list(m.named_parameters()) + list(vh.named_parameters()) if p.grad is not None}
-        results.append((log_pi.detach(), value.detach(), grads, sum(saved)))
-    (lp0, v0, g0, kept0), (lp1, v1, g1, kept1) = results
-    assert kept1 < 0.8 * kept0  # the layers' activations are recomputed, not kept
-    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-6)
-    assert g0.keys() == g1.keys() and len(g0) > (10 if lora else 20)
-    for n in g0:
-        assert torch.allclose(g0[n], g1[n], atol=1e-5, rtol=1e-4), n
-
-
-def _rollout(samples, old_log_pi, old_values):
-    """A Rollout with what ppo_update reads: the samples and their old log pi and V(s)."""
-    return R.Rollout(samples, old_log_pi, old_values, *[None] * 5, finished=[], invalid=[])
 
 
 def _naive_gae(rewards, values, terminated, truncated, final_values, last_values, gamma, lam):
@@ -1170,17 +1288,17 @@ def test_ppo_update_follows_the_advantage(tiny):
     pad = processor.tokenizer.pad_token_id
     model.eval()
     with torch.no_grad():
-        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        old_lp, old_v, _ = R.score(model, vh, R.collate(samples, pad, "cpu"), 0.2, 0.5)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
     args = R.parse_args(["--update-epochs", "1", "--minibatch-size", "6", "--micro-batch-size", "3", "--lr", "1e-3"])
     params = list(model.parameters()) + list(vh.parameters())
     opt = torch.optim.Adam(params, lr=1e-4)
     before = [p.detach().clone() for p in model.parameters()]
-    stats = R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), adv, old_v + adv, pad, args, "cpu", random.Random(0))
+    stats = R.ppo_update(_agent(model, processor, vh), opt, _rollout(samples, old_lp, old_v), adv, old_v + adv, args, random.Random(0))
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # one step: ratio is exactly 1 when scored
     model.eval()
     with torch.no_grad():
-        new_lp, _, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        new_lp, _, _ = R.score(model, vh, R.collate(samples, pad, "cpu"), 0.2, 0.5)
     change = new_lp - old_lp
     assert (change[adv > 0] > 0).all() and (change[adv < 0] < 0).all(), change
     for p, b in zip(model.parameters(), before):  # restore for the other tests
@@ -1193,16 +1311,16 @@ def test_kl_to_the_reference_policy(tiny):
     model.eval()
     vh = R.make_value_head(R.text_hidden_size(model))
     samples = _samples(model, processor, n=3, seed=2, task="numberline")
-    batch, P, Rn = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
+    batch = R.collate(samples, processor.tokenizer.pad_token_id, "cpu")
     ref = copy.deepcopy(model)
     with torch.no_grad():
-        assert R.score(model, vh, batch, P, Rn, 0.2, 0.5)[2] is None
-        same = R.score(model, vh, batch, P, Rn, 0.2, 0.5, R.reference_logprobs(model, ref, batch, P, Rn, 0.2))[2]
+        assert R.score(model, vh, batch, 0.2, 0.5)[2] is None
+        same = R.score(model, vh, batch, 0.2, 0.5, R.reference_logprobs(model, ref, batch, 0.2))[2]
         assert same.abs().max().item() < 1e-5
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
-        ref_lp = R.reference_logprobs(model, ref, batch, P, Rn, 0.2)
-        kl = R.score(model, vh, batch, P, Rn, 0.2, 0.5, ref_lp)[2]
+        ref_lp = R.reference_logprobs(model, ref, batch, 0.2)
+        kl = R.score(model, vh, batch, 0.2, 0.5, ref_lp)[2]
         for i, s in enumerate(samples):
             ids = torch.cat([s["prompt_ids"], s["response_ids"]])[None]
             p, n = len(s["prompt_ids"]), len(s["response_ids"])
@@ -1228,21 +1346,41 @@ def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
             p.add_(0.02 * torch.randn_like(p))
 
     def kl_to_ref():
-        batch, P, Rn = R.collate(samples, pad, "cpu")
+        batch = R.collate(samples, pad, "cpu")
         with torch.no_grad():
-            return R.score(model, vh, batch, P, Rn, 0.2, 0.5, R.reference_logprobs(model, ref, batch, P, Rn, 0.2))[2].mean()
+            return R.score(model, vh, batch, 0.2, 0.5, R.reference_logprobs(model, ref, batch, 0.2))[2].mean()
 
     with torch.no_grad():
-        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        old_lp, old_v, _ = R.score(model, vh, R.collate(samples, pad, "cpu"), 0.2, 0.5)
     start = kl_to_ref()
     opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=1e-3)
     args = R.parse_args(["--update-epochs", "4", "--minibatch-size", "4", "--kl-coef", "1", "--vf-coef", "0",
                          "--target-kl", "1e6"])
     zero = torch.zeros(4)  # no advantage: only the KL term moves the policy
-    R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), zero, old_v, pad, args, "cpu", random.Random(0), ref)
+    R.ppo_update(_agent(model, processor, vh, ref), opt, _rollout(samples, old_lp, old_v), zero, old_v, args, random.Random(0))
     assert kl_to_ref() < 0.8 * start
     for p, b in zip(model.parameters(), before):
         p.data.copy_(b)
+
+
+def test_the_kl_reference_is_scored_a_micro_batch_at_a_time(tiny, monkeypatch):
+    """The SFT policy's log-probs over the vocabulary, (B, R, V), exist for one micro-batch at a time: an
+    update's memory does not grow with rollout size x vocabulary (it kept the whole rollout's: 80-160 GB
+    for Qwen2.5-VL-7B at the official rollout sizes)."""
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    samples = _samples(model, processor, n=6, seed=2, task="numberline")
+    with torch.no_grad():
+        old_lp, old_v, _ = R.score(model, vh, R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+    rows, reference = [], R.reference_logprobs
+    monkeypatch.setattr(R, "reference_logprobs", lambda m, ref, batch, *a: rows.append(len(batch["input_ids"])) or
+                        reference(m, ref, batch, *a))
+    args = R.parse_args(["--update-epochs", "2", "--minibatch-size", "6", "--micro-batch-size", "2"])
+    opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=0.0)
+    stats = R.ppo_update(_agent(model, processor, vh, copy.deepcopy(model)), opt, _rollout(samples, old_lp, old_v),
+                         torch.zeros(6), old_v, args, random.Random(0))
+    assert rows == [2] * 6  # 2 epochs x 3 micro-batches
+    assert stats["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is its own reference
 
 
 def test_lora_kl_reference_is_the_policy_as_rl_starts(tiny, tmp_path):
@@ -1260,13 +1398,13 @@ def test_lora_kl_reference_is_the_policy_as_rl_starts(tiny, tmp_path):
     vh = R.make_value_head(R.text_hidden_size(model))
     samples = _samples(model, processor, n=4, seed=3, task="numberline")
     pad = processor.tokenizer.pad_token_id
-    batch, P, Rn = R.collate(samples, pad, "cpu")
+    batch = R.collate(samples, pad, "cpu")
     ref = R.make_reference(model)
     with torch.no_grad():
-        ref_before = R.reference_logprobs(model, ref, batch, P, Rn, 0.2)
-        old_lp, old_v, kl = R.score(model, vh, batch, P, Rn, 0.2, 0.5, ref_before)
+        ref_before = R.reference_logprobs(model, ref, batch, 0.2)
+        old_lp, old_v, kl = R.score(model, vh, batch, 0.2, 0.5, ref_before)
         with model.disable_adapter():
-            before_sft = R.token_logprobs(model, batch, P, Rn, 0.2)[0]
+            before_sft = R.token_logprobs(model, batch, 0.2)[0]
     assert kl.abs().max().item() < 1e-6  # the policy is its own reference when RL starts
     assert not torch.allclose(before_sft, ref_before, atol=1e-3)  # adapters off is another policy
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1274,11 +1412,11 @@ def test_lora_kl_reference_is_the_policy_as_rl_starts(tiny, tmp_path):
     opt = torch.optim.Adam(trainable + list(vh.parameters()), lr=1e-2)
     args = R.parse_args(["--update-epochs", "2", "--minibatch-size", "4", "--target-kl", "1e6"])
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), adv, old_v, pad, args, "cpu", random.Random(0), ref)
+    R.ppo_update(_agent(model, processor, vh, ref), opt, _rollout(samples, old_lp, old_v), adv, old_v, args, random.Random(0))
     model.eval()
     with torch.no_grad():
-        assert torch.equal(R.reference_logprobs(model, ref, batch, P, Rn, 0.2), ref_before)  # did not move
-        assert not torch.allclose(R.token_logprobs(model, batch, P, Rn, 0.2)[0], ref_before, atol=1e-4)
+        assert torch.equal(R.reference_logprobs(model, ref, batch, 0.2), ref_before)  # did not move
+        assert not torch.allclose(R.token_logprobs(model, batch, 0.2)[0], ref_before, atol=1e-4)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == \
         [n for n, p in model.named_parameters() if "default" in n and "lora_" in n]  # "default" trains
     R.save(model, processor, vh, str(tmp_path / "m"), {"base_model": "x"})  # the trained adapter alone
@@ -1291,7 +1429,7 @@ def test_target_kl_stops_the_update_early(tiny):
     samples = _samples(model, processor, n=6, seed=5, task="numberline")
     pad = processor.tokenizer.pad_token_id
     with torch.no_grad():
-        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, pad, "cpu"), 0.2, 0.5)
+        old_lp, old_v, _ = R.score(model, vh, R.collate(samples, pad, "cpu"), 0.2, 0.5)
     before = [p.detach().clone() for p in model.parameters()]
 
     def optimizer_steps(target_kl):
@@ -1301,7 +1439,7 @@ def test_target_kl_stops_the_update_early(tiny):
         args = R.parse_args(["--update-epochs", "3", "--minibatch-size", "2", "--micro-batch-size", "2",
                              "--target-kl", str(target_kl)])
         adv = torch.tensor([1.0, -1.0] * 3)
-        R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), adv, old_v + adv, pad, args, "cpu", random.Random(0))
+        R.ppo_update(_agent(model, processor, vh), opt, _rollout(samples, old_lp, old_v), adv, old_v + adv, args, random.Random(0))
         return int(opt.state[next(iter(model.parameters()))]["step"])
 
     assert optimizer_steps(1e6) == 9  # 3 epochs x 3 minibatches
@@ -1319,8 +1457,8 @@ def test_nan_loss_stops_the_update(tiny):
     old = torch.full((2,), float("nan"))
     opt = torch.optim.Adam(vh.parameters())
     with pytest.raises(FloatingPointError, match="policy loss"):
-        R.ppo_update(model, vh, opt, _rollout(samples, old, torch.zeros(2)), torch.ones(2), torch.ones(2),
-                     processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
+        R.ppo_update(_agent(model, processor, vh), opt, _rollout(samples, old, torch.zeros(2)), torch.ones(2),
+                     torch.ones(2), args, random.Random(0))
 
 
 def test_a_one_sample_rollout_trains(tiny):
@@ -1331,33 +1469,13 @@ def test_a_one_sample_rollout_trains(tiny):
     samples = _samples(model, processor, n=1, seed=3, task="numberline")
     args = R.parse_args(["--num-envs", "1", "--num-steps", "1"])
     with torch.no_grad():
-        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        old_lp, old_v, _ = R.score(model, vh, R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
     before = [p.detach().clone() for p in vh.parameters()]
     opt = torch.optim.Adam(vh.parameters(), lr=1e-3)
-    stats = R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), torch.ones(1), old_v + 1,
-                         processor.tokenizer.pad_token_id, args, "cpu", random.Random(0))
+    stats = R.ppo_update(_agent(model, processor, vh), opt, _rollout(samples, old_lp, old_v), torch.ones(1), old_v + 1,
+                         args, random.Random(0))
     assert all(math.isfinite(v) for v in stats.values())
     assert any(not torch.equal(p, b) for p, b in zip(vh.parameters(), before))
-
-
-def test_the_kl_reference_is_scored_a_micro_batch_at_a_time(tiny, monkeypatch):
-    """The SFT policy's log-probs over the vocabulary, (B, R, V), exist for one micro-batch at a time: an
-    update's memory does not grow with rollout size x vocabulary (it kept the whole rollout's: 80-160 GB
-    for Qwen2.5-VL-7B at the official rollout sizes)."""
-    model, processor = tiny
-    vh = R.make_value_head(R.text_hidden_size(model))
-    samples = _samples(model, processor, n=6, seed=2, task="numberline")
-    with torch.no_grad():
-        old_lp, old_v, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
-    rows, reference = [], R.reference_logprobs
-    monkeypatch.setattr(R, "reference_logprobs", lambda m, ref, batch, *a: rows.append(len(batch["input_ids"])) or
-                        reference(m, ref, batch, *a))
-    args = R.parse_args(["--update-epochs", "2", "--minibatch-size", "6", "--micro-batch-size", "2"])
-    opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=0.0)
-    stats = R.ppo_update(model, vh, opt, _rollout(samples, old_lp, old_v), torch.zeros(6), old_v, processor.tokenizer.pad_token_id,
-                         args, "cpu", random.Random(0), copy.deepcopy(model))
-    assert rows == [2] * 6  # 2 epochs x 3 micro-batches
-    assert stats["ref_kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is its own reference
 
 
 def test_evaluate_leaves_the_training_rng_alone(tiny):
@@ -1367,64 +1485,10 @@ def test_evaluate_leaves_the_training_rng_alone(tiny):
     args = R.parse_args(["--task", "numberline", "--num-envs", "2", "--max-new-tokens", "8"])
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    first = R.evaluate(model, processor, args, "cpu", 4)
+    first = R.evaluate(_agent(model, processor), args, 4)
     assert torch.equal(torch.get_rng_state(), state)
     torch.rand(3)
-    assert R.evaluate(model, processor, args, "cpu", 4) == first
-
-
-def test_a_checkpoint_loads_in_the_dtype_it_was_stored_in(tiny, tmp_path):
-    """bf16 on a GPU for a checkpoint stored in 16 bits (real ones: LLaVA-1.6 in fp16, Qwen in bf16), fp32
-    for one stored in fp32 and on a CPU. It went by name: every --model that was not literally "tiny",
-    a saved tiny model too (--model runs/tiny-sft/model --lora), ran in bf16 on a GPU."""
-    from transformers import AutoConfig
-    model, processor = tiny
-    R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
-    saved = AutoConfig.from_pretrained(tmp_path / "m")
-    assert [R.model_dtype(saved, d) for d in ("cuda", "cpu")] == [torch.float32, torch.float32]
-    for stored in ("float16", "bfloat16"):
-        real = AutoConfig.for_model("llava", dtype=stored)
-        assert [R.model_dtype(real, d) for d in ("cuda", "cpu")] == [torch.bfloat16, torch.float32]
-
-
-def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
-    model, processor = tiny
-    model.eval()
-    vh = R.make_value_head(R.text_hidden_size(model))
-    path = str(tmp_path / "model")
-    R.save(model, processor, vh, path, {"task": "numberline", "cot": True, "base_model": "tiny"})
-    samples = _samples(model, processor, n=2, seed=4)
-    loaded, lproc, value_state, meta = R.load_checkpoint(path, "cpu")
-    lvh = R.make_value_head(R.text_hidden_size(loaded))
-    lvh.load_state_dict(value_state)
-    loaded.eval()
-    assert meta["task"] == "numberline"
-    with torch.no_grad():
-        a = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
-        b = R.score(loaded, lvh, *R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    # the loaded processor makes the same inputs
-    pool = R.EnvPool("ezpoints", range(2))
-    x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
-    assert all(torch.equal(x[k], y[k]) for k in x)
-
-
-def test_failed_save_keeps_the_last_good_model(tiny, tmp_path, monkeypatch):
-    model, processor = tiny
-    vh = R.make_value_head(R.text_hidden_size(model))
-    path = str(tmp_path / "model")
-    R.save(model, processor, vh, path, {"mark": "good"})
-
-    def broken_save(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        R.save(model, processor, vh, path, {"mark": "new"})
-    monkeypatch.undo()
-    _, _, _, meta = R.load_checkpoint(path, "cpu")
-    assert meta["mark"] == "good"
+    assert R.evaluate(_agent(model, processor), args, 4) == first
 
 
 # --- rl4vlm.py: the command line
@@ -1435,74 +1499,20 @@ def _run(*argv, timeout=600):
                           text=True, timeout=timeout, cwd=HERE, env=env)
 
 
-def test_default_save_dirs_never_share_a_folder():
-    """Runs that differ in task, CoT, seed, architecture or --load write to different folders by default,
-    so running another one never overwrites a saved model (a tiny Qwen run once wrote into the LLaVA's)."""
-    argvs = [[], ["--seed", "2"], ["--no-cot"], ["--task", "blackjack"], ["--tiny-arch", "qwen2.5-vl"],
-             ["--tiny-arch", "gemma3", "--no-cot"], ["--load", "runs/numberline-s1/model"]]
-    dirs = [R.parse_args(a).save_dir for a in argvs]
-    assert len(set(dirs)) == len(dirs), dirs
-    assert dirs[0] == os.path.join("runs", "numberline-s1")  # the README's commands read this folder
+# The short run every command-line test starts from (a flag given after it wins): seconds, not minutes.
+SHORT = ["--task", "numberline", "--sft-steps", "2", "--sft-batch-size", "2", "--num-updates", "1", "--num-steps", "2",
+         "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4", "--micro-batch-size", "2",
+         "--eval-episodes", "0"]
 
 
-def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
-    """A real checkpoint (a hub id, or a folder this file did not build from the tiny model) gets the
-    defaults that fit a 7B model with --lora on one 80 GB GPU; the tiny model, and what is trained from it
-    (through LoRA bases too), keeps the CPU defaults; flags given win."""
-    real = {"micro_batch_size": 4, "num_envs": 4, "max_new_tokens": 256, "lr": 1e-5, "gradient_checkpointing": True}
-    tiny = {"micro_batch_size": 32, "num_envs": 8, "max_new_tokens": 96, "lr": 1e-4, "gradient_checkpointing": False}
-    assert {k: v[1] for k, v in R.SCALE_DEFAULTS.items()} == real and {k: v[0] for k, v in R.SCALE_DEFAULTS.items()} == tiny
-
-    def defaults(*argv):
-        args = R.parse_args(list(argv))
-        return {k: getattr(args, k) for k in real}, args.tiny
-
-    sft, lora, hub = tmp_path / "sft", tmp_path / "lora", tmp_path / "hub"
-    for folder, meta in ((sft, {"base_model": "tiny"}), (lora, {"base_model": str(sft), "lora": True}), (hub, None)):
-        folder.mkdir()
-        if meta:
-            (folder / "rl4vlm.json").write_text(json.dumps(meta))
-    assert defaults() == (tiny, True) and defaults("--tiny-arch", "gemma3") == (tiny, True)
-    assert defaults("--model", "llava-hf/llava-v1.6-mistral-7b-hf", "--lora") == (real, False)
-    assert defaults("--model", str(hub)) == (real, False) and defaults("--load", str(hub)) == (real, False)
-    assert defaults("--model", str(sft), "--lora") == (tiny, True) and defaults("--load", str(lora)) == (tiny, True)
-    args = R.parse_args(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--micro-batch-size", "2", "--no-gradient-checkpointing"])
-    assert (args.micro_batch_size, args.gradient_checkpointing, args.num_envs) == (2, False, 4)
-
-
-def test_out_of_gpu_memory_is_one_line_naming_the_flags(monkeypatch, tmp_path):
-    args = R.parse_args(["--sft-steps", "0", "--num-updates", "1", "--eval-episodes", "0", "--save-dir", str(tmp_path)])
-
-    def out_of_memory(*a, **k):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    monkeypatch.setattr(R, "collect_rollout", out_of_memory)
-    with pytest.raises(SystemExit) as stop:
-        R.cli(args)
-    message = str(stop.value)
-    assert "\n" not in message and "out of GPU memory" in message
-    assert all(f in message for f in ("--micro-batch-size (now 32)", "--num-envs (8)", "--max-new-tokens (96)",
-                                      "--gradient-checkpointing"))
-    assert not (tmp_path / "model").exists()
-
-
-def test_load_defaults_to_the_saved_task_and_format(tmp_path):
-    """--load without --task goes on with the task and CoT setting the model was trained with (it ran
-    NumberLine on a Points24 model); flags given on the command line still win."""
-    (tmp_path / "rl4vlm.json").write_text(json.dumps({"task": "blackjack", "cot": False}))
-    args = R.parse_args(["--load", str(tmp_path)])
-    assert (args.task, args.no_cot) == ("blackjack", True)
-    assert args.save_dir == os.path.join("runs", "blackjack-nocot-s1-load")
-    assert R.parse_args(["--load", str(tmp_path), "--task", "ezpoints"]).task == "ezpoints"
-    (tmp_path / "rl4vlm.json").write_text("{not json")  # unreadable: the defaults, and loading reports it
-    assert (R.parse_args(["--load", str(tmp_path)]).task, R.parse_args([]).no_cot) == ("numberline", False)
+def _tiny_cli(out, *extra):
+    return [*SHORT, "--save-dir", str(out), *extra]
 
 
 def test_cli_short_run_writes_metrics_and_model(tmp_path):
     out = tmp_path / "run"
-    r = _run("--task", "ezpoints", "--tiny-size", "mini", "--sft-steps", "3", "--sft-batch-size", "4",
-             "--num-updates", "2", "--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "16",
-             "--minibatch-size", "4", "--micro-batch-size", "2", "--eval-episodes", "2", "--save-dir", str(out))
+    r = _run(*_tiny_cli(out, "--task", "ezpoints", "--sft-steps", "3", "--num-updates", "2", "--max-new-tokens", "16",
+                        "--eval-episodes", "2"))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("update,env_steps,success") and len(lines) == 3
@@ -1558,13 +1568,28 @@ def test_cli_corrupt_checkpoint_is_one_clear_line(tiny, tmp_path):
     assert (path / "rl4vlm.json").exists()  # the folder is left as it was
 
 
+def test_out_of_gpu_memory_is_one_line_naming_the_flags(monkeypatch, tmp_path):
+    args = R.parse_args(["--sft-steps", "0", "--num-updates", "1", "--eval-episodes", "0", "--save-dir", str(tmp_path)])
+
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(R, "collect_rollout", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        R.cli(args)
+    message = str(stop.value)
+    assert "\n" not in message and "out of GPU memory" in message
+    assert all(f in message for f in ("--micro-batch-size (now 32)", "--num-envs (8)", "--max-new-tokens (96)",
+                                      "--gradient-checkpointing"))
+    assert not (tmp_path / "model").exists()
+
+
 def test_rl_leaves_the_vision_tower_as_sft_left_it(tiny, tmp_path):
     model, processor = tiny
     R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "sft"),
            {"task": "numberline", "cot": True})
-    r = _run("--load", str(tmp_path / "sft"), "--num-updates", "1", "--num-steps", "2", "--num-envs", "4",
-             "--max-new-tokens", "12", "--minibatch-size", "8", "--eval-episodes", "0", "--lr", "1e-3",
-             "--save-dir", str(tmp_path / "rl"))
+    r = _run(*_tiny_cli(tmp_path / "rl", "--load", str(tmp_path / "sft"), "--sft-steps", "0", "--num-envs", "4",
+                        "--minibatch-size", "8", "--lr", "1e-3"))
     assert r.returncode == 0, r.stderr[-2000:]
     from safetensors.torch import load_file
     before = load_file(tmp_path / "sft" / "model.safetensors")
@@ -1573,12 +1598,6 @@ def test_rl_leaves_the_vision_tower_as_sft_left_it(tiny, tmp_path):
     language = [k for k in before if "language_model" in k]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in language)  # RL did train the rest
-
-
-def _tiny_cli(out, *extra):
-    return ["--task", "numberline", "--tiny-size", "mini", "--sft-steps", "2", "--sft-batch-size", "4",
-            "--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "12", "--minibatch-size", "4",
-            "--micro-batch-size", "4", "--eval-episodes", "0", "--save-dir", str(out), *extra]
 
 
 def test_cli_same_seed_repeats_exactly(tmp_path):
@@ -1616,53 +1635,194 @@ def test_cli_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert meta["task"] == "numberline" and meta["env_steps"] >= 4
 
 
-def test_lora_wraps_only_the_language_model(tiny):
-    peft = pytest.importorskip("peft")
-    model, _ = R.build_tiny_vlm("mini")
-    wrapped = R.add_lora(model, rank=4)
-    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
-    assert isinstance(wrapped, peft.PeftModel)
+# --- rl4vlm.py: many processes (torchrun, gloo, one thread each)
+
+DDP_RUN = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import rl4vlm as R
+out = sys.argv[2]
 
 
-def test_lora_without_peft_is_one_clear_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
-    with pytest.raises(SystemExit, match="--lora needs peft: pip install peft"):
-        R.add_lora(torch.nn.Linear(2, 2), rank=4)
+def keep(name, agent):  # each process writes down its trainable weights (the value head's too)
+    params = list(agent.model.named_parameters()) + list(agent.value_head.named_parameters())
+    torch.save({n: p.detach().clone() for n, p in params if p.requires_grad}, f"{out}/{name}-{R.RANK}.pt")
 
 
-def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
-    """LLaVA-1.6 (NeXT): pixel_values (B, tiles, 3, H, W) plus image_sizes go through process, make_sample,
-    collate and score; a batch scores as each sample alone, and the saved folder loads as --model PATH."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor)
-    tok = tiny[1].tokenizer
-    pinpoints = [[224, 224], [112, 224], [224, 112]]  # the 224x224 env images -> 2x2 tiles + the base image
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112},
-                                                 image_grid_pinpoints=pinpoints)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=R.CHAT_TEMPLATE)
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=112, patch_size=14),
-        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=2048,
-                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=64)
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    model, processor = R.load_vlm(str(tmp_path), "cpu")  # what --model PATH does
-    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+sft, ppo_update = R.sft, R.ppo_update
+R.sft = lambda agent, args: (sft(agent, args), keep("sft", agent))
+R.ppo_update = lambda agent, *a: (ppo_update(agent, *a), keep("ppo", agent))[0]
+sys.exit(R.cli(R.parse_args(sys.argv[3:])))
+"""
+
+
+def _torchrun(script, *argv, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), HERE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=HERE, env=env)
+
+
+def test_two_processes_train_one_policy(tmp_path):
+    """torchrun --nproc_per_node 2: after SFT steps and a PPO update every trainable parameter is bitwise
+    the same in both processes; process 0 alone logs and writes; env steps count both processes';
+    the evaluation's fixed episodes are split between them and gathered (5: 3 + 2)."""
+    script, out = tmp_path / "run.py", tmp_path / "out"
+    script.write_text(DDP_RUN)
+    out.mkdir()
+    proc = _torchrun(script, str(out), *_tiny_cli(out / "run", "--task", "ezpoints", "--num-updates", "1",
+                                                  "--eval-episodes", "5"))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    for name in ("sft", "ppo"):
+        mine, theirs = torch.load(out / f"{name}-0.pt"), torch.load(out / f"{name}-1.pt")
+        assert mine.keys() == theirs.keys() and len(mine) > 20
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    assert not all(torch.equal(v, torch.load(out / "sft-0.pt")[k]) for k, v in torch.load(out / "ppo-0.pt").items())
+    rows = (out / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].split(",")[1] == "8"  # 2 processes x 2 envs x 2 steps
+    results = json.loads((out / "run" / "results.json").read_text())
+    assert results["start"]["episodes"] == results["final"]["episodes"] == 5
+    logged = stdout + stderr
+    assert logged.count("update 1/1 |") == 1 and logged.count("sft done") == 1 and "Traceback" not in logged
+    assert (out / "run" / "model" / "rl4vlm.json").exists()
+
+
+DDP_GRADIENT = """
+import copy, os, random, sys, torch
+sys.path.insert(0, sys.argv[1])
+import rl4vlm as R
+from test_rl4vlm import _samples
+torch.manual_seed(0)
+args = R.parse_args(["--task", "numberline", "--update-epochs", "1", "--minibatch-size", "4", "--micro-batch-size", "2",
+                     "--max-grad-norm", "1e9", "--kl-coef", "1", "--seed", "3"])
+device = R.init_distributed(args)
+agent = R.build_agent(args, device)
+R.freeze_vision(agent.model)
+agent.ref = copy.deepcopy(agent.model)
+with torch.no_grad():
+    for p in agent.ref.parameters():
+        p.add_(0.02 * torch.randn_like(p))  # a reference the policy is not: the KL term has a gradient
+samples = _samples(agent.model.eval(), agent.processor, n=4, seed=10 + 4 * R.RANK, task="numberline")
+with torch.no_grad():
+    old_lp, old_v, _ = R.score(agent.model, agent.value_head, R.collate(samples, agent.processor.tokenizer.pad_token_id,
+                                                                          "cpu"), 0.2, 0.5)
+adv = torch.tensor([1.0, -2.0, 0.5, 0.2]) * (R.RANK + 1)
+
+
+def rollout(samples, lp, v):
+    return R.Rollout(samples, lp, v, *[None] * 5, finished=[], invalid=[])
+
+
+def gradient(agent, *update):  # the gradient each optimiser step applies
+    grads = []
+    opt = torch.optim.SGD([p for p in agent.model.parameters() if p.requires_grad] + list(agent.value_head.parameters()), lr=0.0)
+    step = opt.step
+    opt.step = lambda: grads.append(torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.flatten()
+                                               for g in opt.param_groups for p in g["params"]])) or step()
+    R.ppo_update(agent, opt, *update, args, random.Random(0))
+    return grads[0]
+
+
+every = R.gather([(s, lp, v, a) for s, lp, v, a in zip(samples, old_lp.tolist(), old_v.tolist(), adv.tolist())])
+if R.RANK == 0:  # one process, on both processes' samples at once
+    single = copy.deepcopy(agent)
+    R.WORLD, args.minibatch_size = 1, 8
+    s, lp, v, a = zip(*every)
+    expected = gradient(single, rollout(list(s), torch.tensor(lp), torch.tensor(v)), torch.tensor(a), torch.tensor(v) + torch.tensor(a))
+    R.WORLD, args.minibatch_size = 2, 4
+got = gradient(agent, rollout(samples, old_lp, old_v), adv, old_v + adv)
+if R.RANK == 0:
+    print("max difference", (got - expected).abs().max().item(), "largest", expected.abs().max().item())
+    torch.save((got, expected), sys.argv[2])
+"""
+
+
+def test_two_processes_apply_the_gradient_of_one_process_on_all_samples(tmp_path):
+    """Each process has 4 samples; the gradient an optimiser step applies (advantages normalised over all 8,
+    the KL term, the value head) equals one process's on the 8 samples."""
+    script = tmp_path / "grad.py"
+    script.write_text(DDP_GRADIENT)
+    proc = _torchrun(script, str(tmp_path / "grads.pt"))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    got, expected = torch.load(tmp_path / "grads.pt")
+    assert got.abs().max() > 1e-3 and torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_ctrl_c_in_one_process_ends_them_all(tmp_path):
+    """SIGINT to process 1 alone: it stops; process 0, whose next collective finds it gone (or which
+    torchrun then stops with SIGTERM), saves and exits; nothing waits for a timeout."""
+    import signal
+    import time
+    script, out = tmp_path / "run.py", tmp_path / "out"
+    script.write_text(DDP_RUN)
+    out.mkdir()
+    proc = _torchrun(script, str(out), *_tiny_cli(out / "run", "--num-updates", "1000"))
+    deadline = time.time() + 600
+    while not ((out / "run" / "metrics.csv").exists() and len((out / "run" / "metrics.csv").read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("no update logged: " + proc.communicate()[1][-2000:])
+        time.sleep(0.5)
+    ranks = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline").read()
+            environ = open(f"/proc/{pid}/environ").read().split("\0")
+        except OSError:
+            continue
+        if str(script) in cmdline and "torch.distributed.run" not in cmdline:
+            ranks[next(e for e in environ if e.startswith("RANK="))] = int(pid)
+    os.kill(ranks["RANK=1"], signal.SIGINT)
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - t0 < 60 and proc.returncode != 0
+    assert (stdout + stderr).count("interrupted: saving and exiting") == 1
+    _, _, _, meta = R.load_checkpoint(str(out / "run" / "model"), "cpu")
+    assert meta["env_steps"] >= 8 and (out / "run" / "results.json").exists()
+
+
+# --- rl4vlm.py: saving and loading
+
+def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
+    model, processor = tiny
     model.eval()
-    samples = _samples(model, processor, n=3, seed=1, max_new_tokens=6)
-    assert samples[0]["image"]["pixel_values"].shape == (1, 5, 3, 112, 112)  # 4 tiles + the base image
-    assert samples[0]["image"]["image_sizes"].tolist() == [[224, 224]]
-    _assert_batched_equals_single(model, processor, samples)
+    vh = R.make_value_head(R.text_hidden_size(model))
+    path = str(tmp_path / "model")
+    R.save(model, processor, vh, path, {"task": "numberline", "cot": True, "base_model": "tiny"})
+    samples = _samples(model, processor, n=2, seed=4)
+    loaded, lproc, value_state, meta = R.load_checkpoint(path, "cpu")
+    lvh = R.make_value_head(R.text_hidden_size(loaded))
+    lvh.load_state_dict(value_state)
+    loaded.eval()
+    assert meta["task"] == "numberline"
+    with torch.no_grad():
+        a = R.score(model, vh, R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        b = R.score(loaded, lvh, R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # the loaded processor makes the same inputs
+    pool = R.EnvPool("ezpoints", range(2))
+    x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_failed_save_keeps_the_last_good_model(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    vh = R.make_value_head(R.text_hidden_size(model))
+    path = str(tmp_path / "model")
+    R.save(model, processor, vh, path, {"mark": "good"})
+
+    def broken_save(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        R.save(model, processor, vh, path, {"mark": "new"})
+    monkeypatch.undo()
+    _, _, _, meta = R.load_checkpoint(path, "cpu")
+    assert meta["mark"] == "good"
 
 
 def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
@@ -1672,13 +1832,10 @@ def test_lora_checkpoint_resumes_as_lora(tiny, tmp_path):
     base = tmp_path / "base"
     model.save_pretrained(base)
     processor.save_pretrained(base)
-    common = ["--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4",
-              "--micro-batch-size", "2", "--eval-episodes", "0", "--num-updates", "1"]
-    r = _run("--model", str(base), "--lora", "--lora-rank", "4", *common, "--save-dir", str(tmp_path / "a"))
+    r = _run(*_tiny_cli(tmp_path / "a", "--model", str(base), "--lora", "--lora-rank", "4"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "a" / "model" / "adapter_config.json").exists()
-    r = _run("--load", str(tmp_path / "a" / "model"), "--sft-steps", "1", "--sft-batch-size", "2", *common,
-             "--save-dir", str(tmp_path / "b"))
+    r = _run(*_tiny_cli(tmp_path / "b", "--load", str(tmp_path / "a" / "model"), "--sft-steps", "1"))
     assert r.returncode == 0, r.stderr[-2000:]
     loaded, _, _, meta = R.load_checkpoint(str(tmp_path / "b" / "model"), "cpu")
     assert meta["lora"] is True and meta["base_model"] == str(base)
@@ -1695,8 +1852,8 @@ def test_a_lora_run_from_a_relative_folder_loads_from_anywhere(tiny, tmp_path, m
     model.save_pretrained(tmp_path / "work" / "base")
     processor.save_pretrained(tmp_path / "work" / "base")
     monkeypatch.chdir(tmp_path / "work")
-    assert R.main(R.parse_args(["--model", "base", "--lora", "--lora-rank", "4", "--sft-steps", "1", "--sft-batch-size",
-                                "2", "--num-updates", "0", "--eval-episodes", "0", "--save-dir", "run"])) == 0
+    args = R.parse_args(_tiny_cli("run", "--model", "base", "--lora", "--lora-rank", "4", "--num-updates", "0"))
+    assert R.main(args) == 0
     monkeypatch.chdir(tmp_path)
     loaded, _, _, meta = R.load_checkpoint(str(tmp_path / "work" / "run" / "model"), "cpu")
     assert meta["base_model"] == str(tmp_path / "work" / "base") and meta["lora"]
@@ -1745,7 +1902,7 @@ def test_family_rollout_logprobs_and_values_equal_scoring(family_model):
     samples = [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(3)]
     with torch.no_grad():
         from_generate = R.lambda_log_pi(token_logp, *R.answer_masks(samples, token_logp.shape[1]), 0.5)
-        log_pi, value, _ = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.7, 0.5)
+        log_pi, value, _ = R.score(model, vh, R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.7, 0.5)
         assert torch.allclose(vh(hidden)[:, 0], value, atol=1e-5)
     assert (from_generate - log_pi).abs().max() < 1e-4 and (from_generate < -1).all()
 
@@ -1766,8 +1923,8 @@ def test_family_save_then_load_gives_the_same_logits(family_model, tmp_path):
     assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
     samples = _samples(model, processor, n=2, seed=4, max_new_tokens=6)
     with torch.no_grad():
-        a = R.score(model, vh, *R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
-        b = R.score(loaded, vh, *R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        a = R.score(model, vh, R.collate(samples, processor.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
+        b = R.score(loaded, vh, R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -1792,15 +1949,12 @@ def test_family_cli_trains_saves_and_loads(arch, tmp_path):
     """--tiny-arch ARCH: SFT steps and a PPO update, saved; then LoRA on that model, saved as an adapter;
     both load back. (The second run calls main() in-process: the same code, without 3 s of imports.)"""
     pytest.importorskip("peft")
-    short = ["--task", "numberline", "--sft-batch-size", "2", "--num-updates", "1", "--num-steps", "2",
-             "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4", "--micro-batch-size", "2",
-             "--eval-episodes", "0"]
-    r = _run("--tiny-arch", arch, "--sft-steps", "2", *short, "--save-dir", str(tmp_path / "full"))
+    r = _run(*_tiny_cli(tmp_path / "full", "--tiny-arch", arch))
     assert r.returncode == 0, r.stderr[-2000:]
     assert len((tmp_path / "full" / "metrics.csv").read_text().splitlines()) == 2
     full = str(tmp_path / "full" / "model")
-    assert R.main(R.parse_args(["--model", full, "--lora", "--lora-rank", "4", "--sft-steps", "1", *short,
-                                "--save-dir", str(tmp_path / "lora")])) == 0
+    assert R.main(R.parse_args(_tiny_cli(tmp_path / "lora", "--model", full, "--lora", "--lora-rank", "4",
+                                         "--sft-steps", "1"))) == 0
     model, _, _, meta = R.load_checkpoint(full, "cpu")
     assert model.config.model_type == R.TINY_ARCHS[arch]
     lora, _, _, meta = R.load_checkpoint(str(tmp_path / "lora" / "model"), "cpu")
@@ -1839,7 +1993,7 @@ def _qwen_checkpoint_folder(path):
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id)
-    config = AutoConfig.for_model("qwen2_5_vl", **R.FAMILIES["qwen2_5_vl"]["tiny"]["config"](32, 1, text, tok))
+    config = AutoConfig.for_model("qwen2_5_vl", **R.TINY_RECIPES["qwen2_5_vl"]["config"](32, 1, text, tok))
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config).save_pretrained(path)
     return tok
@@ -1858,36 +2012,12 @@ def test_a_qwen_checkpoint_folder_trains_with_model_path(tmp_path):
     assert text.endswith("<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")
     inputs = R.process(processor, ["Hi"], [envs.make("numberline").reset(seed=0)[0]], "cpu")
     assert (inputs["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum() == 16  # 112 px, 2x2 merged
-    r = _run("--model", str(folder), "--sft-steps", "2", "--sft-batch-size", "2", "--num-updates", "1",
-             "--num-steps", "2", "--num-envs", "2", "--max-new-tokens", "8", "--minibatch-size", "4",
-             "--eval-episodes", "2", "--save-dir", str(tmp_path / "run"))
+    r = _run(*_tiny_cli(tmp_path / "run", "--model", str(folder), "--eval-episodes", "2"))
     assert r.returncode == 0, r.stderr[-2000:]
     loaded, lproc, _, meta = R.load_checkpoint(str(tmp_path / "run" / "model"), "cpu")
     assert meta["base_model"] == str(folder) and type(loaded).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert torch.equal(R.process(lproc, ["Hi"], [envs.make("numberline").reset(seed=0)[0]], "cpu")["input_ids"],
                        inputs["input_ids"])
-
-
-def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
-    """tools/gpu_check.py --shrink: folders in llava-v1.6-mistral-7b's and Qwen2.5-VL-7B's hub layout (real
-    vocabularies, token ids, image processors, chat templates, Qwen's generation_config.json) with small
-    layers, each trained by the README's real-model command for an SFT step and 2 PPO updates."""
-    pytest.importorskip("peft")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "tools", "gpu_check.py"), "--shrink", "--out", str(tmp_path),
-                        "--sft-steps", "1", "--num-steps", "1", "--flags", "--lora-rank 8 --num-envs 1 --sft-batch-size 1 "
-                        "--max-new-tokens 8 --minibatch-size 1 --micro-batch-size 1"],
-                       capture_output=True, text=True, timeout=600, cwd=HERE)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| llava-hf/") or line.startswith("| Qwen/")]
-    assert len(rows) == 2 and all("(shrunk)" in row for row in rows)
-    for name, vocab, image_token, special, ends in (("llava-next", 32064, "<image>", 32000, [2]),
-                                                    ("qwen2.5-vl", 152064, "<|image_pad|>", 151655, [151643, 151645])):
-        model, processor = R.load_vlm(str(tmp_path / name), "cpu")
-        assert model.config.get_text_config().vocab_size == vocab
-        assert processor.tokenizer.convert_tokens_to_ids(image_token) == special
-        assert R.end_tokens(model, processor.tokenizer) == ends
-        assert model.generation_config.repetition_penalty is None  # Qwen's 1.05 is not sampled with
-        assert (tmp_path / f"run-{name}" / "model" / "adapter_config.json").exists()
 
 
 def test_a_folder_without_an_image_processor_is_one_clear_line(tiny, tmp_path):
@@ -1911,3 +2041,25 @@ def test_a_family_this_code_cannot_train_is_refused_in_one_line(tmp_path):
     AutoConfig.for_model("paligemma").save_pretrained(tmp_path)
     with pytest.raises(R.LoadError, match="not supported: PaliGemma's token_type_ids"):
         R.load_vlm(str(tmp_path), "cpu")
+
+
+def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
+    """tools/gpu_check.py --shrink: folders in llava-v1.6-mistral-7b's and Qwen2.5-VL-7B's hub layout (real
+    vocabularies, token ids, image processors, chat templates, Qwen's generation_config.json) with small
+    layers, each trained by the README's real-model command for an SFT step and 2 PPO updates."""
+    pytest.importorskip("peft")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "tools", "gpu_check.py"), "--shrink", "--out", str(tmp_path),
+                        "--sft-steps", "1", "--num-steps", "1", "--flags", "--lora-rank 8 --num-envs 1 --sft-batch-size 1 "
+                        "--max-new-tokens 8 --minibatch-size 1 --micro-batch-size 1"],
+                       capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| llava-hf/") or line.startswith("| Qwen/")]
+    assert len(rows) == 2 and all("(shrunk)" in row for row in rows)
+    for name, vocab, image_token, special, ends in (("llava-next", 32064, "<image>", 32000, [2]),
+                                                    ("qwen2.5-vl", 152064, "<|image_pad|>", 151655, [151643, 151645])):
+        model, processor = R.load_vlm(str(tmp_path / name), "cpu")
+        assert model.config.get_text_config().vocab_size == vocab
+        assert processor.tokenizer.convert_tokens_to_ids(image_token) == special
+        assert R.end_tokens(model, processor.tokenizer) == ends
+        assert model.generation_config.repetition_penalty is None  # Qwen's 1.05 is not sampled with
+        assert (tmp_path / f"run-{name}" / "model" / "adapter_config.json").exists()

@@ -38,17 +38,15 @@ def one_update(vocab, steps, num_envs, micro_batch, max_new_tokens):
     model.resize_token_embeddings(len(tok))
     value_head = R.make_value_head(R.text_hidden_size(model))
     optimizer = torch.optim.Adam(list(model.parameters()) + list(value_head.parameters()), lr=1e-5)
-    ref_model = R.make_reference(model)
+    agent = R.Agent(model, processor, value_head, torch.device("cpu"), "tiny", ref=R.make_reference(model))
     pool = R.EnvPool("numberline", [R.episode_seed("rollout", i) for i in range(num_envs)])
-    timer = R.make_timer()[0]
-    rollout = R.collect_rollout(model, value_head, processor, pool, R.generation_config(model, processor, args), args,
-                                "cpu", random.Random(0), timer)
+    rollout = R.collect_rollout(agent, pool, R.generation_config(model, processor, args), args, random.Random(0),
+                                R.make_timer()[0])
     adv, ret = R.compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
                              rollout.final_values, rollout.last_values, args.gamma, args.gae_lambda)
     before = status_kb("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM, the peak, to the current RSS
-    R.ppo_update(model, value_head, optimizer, rollout, adv, ret, tok.pad_token_id, args, "cpu", random.Random(0),
-                 ref_model)
+    R.ppo_update(agent, optimizer, rollout, adv, ret, args, random.Random(0))
     answer = sum(len(s["response_ids"]) for s in rollout.samples) / len(rollout.samples)
     return before / 1024, status_kb("VmHWM") / 1024, len(rollout.samples), answer
 
