@@ -21,6 +21,7 @@ Run:
     python rl4vlm.py --task numberline                   # SFT warm start + PPO, tiny model, CPU
     python rl4vlm.py --task blackjack --no-cot           # the paper's CoT ablation
     python rl4vlm.py --model llava-hf/llava-v1.6-mistral-7b-hf --lora      # the paper's backbone, one GPU
+    torchrun --nproc_per_node 2 rl4vlm.py --task numberline                 # data-parallel, 2 processes
     python rl4vlm.py --tiny-arch qwen2.5-vl              # the same method on a tiny Qwen2.5-VL, CPU
     python rl4vlm.py --load runs/numberline-s1/model --num-updates 0 --eval-episodes 500
 """
@@ -869,7 +870,7 @@ class EnvPool:
     def __init__(self, task, seeds, queue=None):
         self.task, self.queue = task, queue
         self.envs = [envs.make(task) for _ in seeds]
-        self.action_names = self.envs[0].action_names
+        self.action_names = envs.make(task).action_names if not seeds else self.envs[0].action_names
         first = [env.reset(seed=seed) for seed, env in zip(seeds, self.envs)]  # [(obs, info), ...]
         self.obs, self.infos = [o for o, _ in first], [i for _, i in first]
         self.returns = [0.0] * len(seeds)
@@ -954,6 +955,8 @@ def collective(op, *args):
     """A torch.distributed call; a peer that left (its connection closed) stops this process too."""
     try:
         return op(*args)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as e:
         raise Stopped(str(e).splitlines()[0]) from None
 
@@ -1243,7 +1246,7 @@ def evaluate(agent, args, episodes):
         agent.model.eval()
         rng, gen_config = random.Random(rank_seed(args.seed)), generation_config(agent.model, agent.processor, args)
         seeds = [episode_seed("evaluation", j) for j in range(RANK, episodes, WORLD)]
-        n = min(args.num_envs, episodes)
+        n = min(args.num_envs, len(seeds))
         pool = EnvPool(args.task, seeds[:n], queue=iter(seeds[n:]))
         returns, invalid = [], []
         while pool.active:

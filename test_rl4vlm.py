@@ -1732,22 +1732,31 @@ if R.RANK == 0:  # one process, on both processes' samples at once
     expected = gradient(single, rollout(list(s), torch.tensor(lp), torch.tensor(v)), torch.tensor(a), torch.tensor(v) + torch.tensor(a))
     R.WORLD, args.minibatch_size = 2, 4
 got = gradient(agent, rollout(samples, old_lp, old_v), adv, old_v + adv)
+bad = old_lp.clone()
+bad[0] = float("nan") if R.RANK == 1 else bad[0]  # a non-finite loss in process 1 only
+try:
+    gradient(agent, rollout(samples, bad, old_v), adv, old_v + adv)
+    stopped = ""
+except FloatingPointError as e:  # in both processes, at the same step: neither waits for the other
+    stopped = str(e)
 if R.RANK == 0:
     print("max difference", (got - expected).abs().max().item(), "largest", expected.abs().max().item())
-    torch.save((got, expected), sys.argv[2])
+    torch.save((got, expected, stopped), sys.argv[2])
 """
 
 
 def test_two_processes_apply_the_gradient_of_one_process_on_all_samples(tmp_path):
     """Each process has 4 samples; the gradient an optimiser step applies (advantages normalised over all 8,
-    the KL term, the value head) equals one process's on the 8 samples."""
+    the KL term, the value head) equals one process's on the 8 samples. A non-finite loss in one process
+    stops the update in both."""
     script = tmp_path / "grad.py"
     script.write_text(DDP_GRADIENT)
     proc = _torchrun(script, str(tmp_path / "grads.pt"))
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
-    got, expected = torch.load(tmp_path / "grads.pt")
+    got, expected, stopped = torch.load(tmp_path / "grads.pt")
     assert got.abs().max() > 1e-3 and torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
+    assert stopped == "a loss is not finite in another process"
 
 
 def test_ctrl_c_in_one_process_ends_them_all(tmp_path):
