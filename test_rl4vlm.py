@@ -1666,7 +1666,8 @@ def _torchrun(script, *argv, timeout=600):
 def test_two_processes_train_one_policy(tmp_path):
     """torchrun --nproc_per_node 2: after SFT steps and a PPO update every trainable parameter is bitwise
     the same in both processes; process 0 alone logs and writes; env steps count both processes';
-    the evaluation's fixed episodes are split between them and gathered (5: 3 + 2)."""
+    the evaluation's fixed episodes are split between them and gathered (5: 3 + 2); the saved model
+    loads and evaluates in one process."""
     script, out = tmp_path / "run.py", tmp_path / "out"
     script.write_text(DDP_RUN)
     out.mkdir()
@@ -1685,7 +1686,11 @@ def test_two_processes_train_one_policy(tmp_path):
     assert results["start"]["episodes"] == results["final"]["episodes"] == 5
     logged = stdout + stderr
     assert logged.count("update 1/1 |") == 1 and logged.count("sft done") == 1 and "Traceback" not in logged
-    assert (out / "run" / "model" / "rl4vlm.json").exists()
+    model, processor, value_state, meta = R.load_checkpoint(str(out / "run" / "model"), "cpu")  # in one process
+    ppo = torch.load(out / "ppo-0.pt")
+    assert all(torch.equal(p, ppo[n]) for n, p in model.named_parameters() if n in ppo) and meta["env_steps"] == 8
+    args = R.parse_args(["--task", "ezpoints", "--num-envs", "2", "--max-new-tokens", "8"])
+    assert R.evaluate(_agent(model, processor), args, 3)["episodes"] == 3
 
 
 DDP_GRADIENT = """
