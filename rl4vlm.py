@@ -11,8 +11,8 @@ VLM and a value head on the task's reward, with
 and V(s) read from the VLM's last hidden state at the end of the prompt.
 
 The file reads top to bottom in the order the method runs: arguments, prompts and parsing, the
-model, its inputs, generation, scoring, environments, SFT, rollouts, GAE, the PPO update,
-evaluation, main; an appendix builds the tiny offline models and saves and loads checkpoints.
+model, its inputs, generation, scoring, environments, many processes, SFT, rollouts, GAE, the PPO
+update, evaluation, main; an appendix builds the tiny offline models and saves and loads checkpoints.
 Every departure from the paper and the official code (github.com/RL4VLM/RL4VLM) is listed, with its
 reason, in docs/departures.md. The largest: a tiny model trained from scratch by default, an SFT warm
 start made on the fly by the environments' experts, and a KL term to the SFT policy (--kl-coef).
@@ -110,8 +110,8 @@ def make_parser():
                    help="architecture of the tiny model: the paper's LLaVA, or a tiny copy of another family's")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="recompute each layer's "
-                   "activations in the backward pass instead of keeping them: less memory, about a third more "
-                   "update time (default: on for a real checkpoint, off for the tiny model)")
+                   "activations in the backward pass instead of keeping them: less memory, one more forward per "
+                   "update step (default: on for a real checkpoint, off for the tiny model)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=positive_float, default=0.2, help="sampling temperature (paper: 0.2)")
@@ -535,7 +535,7 @@ def build_agent(args, device):
         base_model = where(args.load) if args.load else base_model  # a loaded full checkpoint is the adapter's base
     if args.gradient_checkpointing:  # non-reentrant: the only kind that works with LoRA's frozen base
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if not (args.tiny or args.lora) and args.kl_coef and args.num_updates:
+    if not (args.tiny or hasattr(model, "peft_config")) and args.kl_coef and args.num_updates:
         log("note: full fine-tuning keeps a frozen copy of the model as the KL reference: with the gradients and "
             "Adam's moments about 10 bytes a parameter in bf16, 70 GB for a 7B model (--lora holds the base once)")
     value_head = make_value_head(text_hidden_size(model)).to(device)
