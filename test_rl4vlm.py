@@ -451,6 +451,45 @@ def test_reading_probe_scores_state_fields():
     assert rd["plan_accuracy"]("blackjack", [], []) is None
 
 
+def test_reading_probe_checks_that_actions_follow_the_plan():
+    """tools/reading.py --play: a step counts as planned when its thoughts' formula solves the cards and
+    starts with the formula so far, and as followed when the unit played is that formula's next one."""
+    rd = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py"))
+    env = envs.make("points24")
+    info = env.reset(options={"cards": ["10", "3", "8", "A"]})[1]
+    steps = []
+    while True:  # the expert's episode: every step planned and followed, "=" included
+        name = env.action_names[env.expert_action()]
+        steps.append((info, R.format_response("points24", info, name), name))
+        info = env.step(env.action_names.index(name))[4]
+        if name == "=":
+            break
+    n = len(steps)
+    assert n > 4 and rd["plan_following"]("points24", steps) == {
+        "plan solves and continues the formula": 1.0, "of those, the action is its next unit": 1.0}
+    first, later = steps[0], steps[2]
+    off_plan = (first[0], first[1], "+")  # planned, not followed
+    assert later[0]["formula"] == "( 10" and "( 10 - 1 ) * 8 / 3 makes" in later[1]
+    other_start = (later[0], later[1].replace("( 10 - 1 ) * 8 / 3", "8 * ( 10 - 1 ) / 3"), "-")  # solves, ignores "( 10"
+    got = rd["plan_following"]("points24", steps + [off_plan, other_start, (first[0], "not json", "=")])
+    assert got == {"plan solves and continues the formula": (n + 1) / (n + 3),
+                   "of those, the action is its next unit": n / (n + 1)}
+
+
+def test_reading_probe_blackjack_states():
+    """tools/reading.py --policy's states: every hard total 12-20 against every up-card, as the env
+    deals them, with the expert's choice (hit 12 against a 2 or a 7, stand 13 against a 6, 17 up)."""
+    rd = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py"))
+    states = rd["blackjack_states"]()
+    assert len(states) == 9 * 13 and len({(t, r) for t, r, _, _, _ in states}) == 117
+    expert = {(t, r): a for t, r, _, _, a in states}
+    for total, rank, obs, info, _ in states:
+        assert info["player_total"] == total and not info["usable_ace"] and info["dealer_card"] == rank
+        assert obs.shape == (224, 224, 3)
+    assert expert[(12, "2")] == expert[(12, "7")] == expert[(16, "K")] == "hit"
+    assert expert[(13, "6")] == expert[(17, "A")] == expert[(20, "10")] == "stand"
+
+
 # The official gym_cards rules (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs/*.py), restated as
 # plain functions. They are fed the deals and draws of our envs (the official ones use other random
 # streams), and test_rules_match_the_official_gym_cards checks that every step scores the same.
@@ -1534,6 +1573,14 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "3 start states" in r3.stdout and "cards: exact" in r3.stdout and "formula: exact" in r3.stdout
     assert "thoughts' formula solves the cards" in r3.stdout
+    r4 = subprocess.run([sys.executable, os.path.join(HERE, "tools", "reading.py"), str(out / "model"), "--states", "2",
+                         "--play"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r4.returncode == 0, r4.stderr[-2000:]
+    assert "played to the end" in r4.stdout and "the action is its next unit" in r4.stdout
+    r5 = subprocess.run([sys.executable, os.path.join(HERE, "tools", "reading.py"), str(out / "model"), "--policy"],
+                        capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r5.returncode == 1 and r5.stderr.strip() == ("reading.py: error: --policy is for Blackjack; "
+                                                        "this model plays ezpoints")
 
 
 @pytest.mark.parametrize("argv, message", [

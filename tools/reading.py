@@ -10,7 +10,11 @@ rl4vlm.cot_fields) are compared with the env's true values: how often each field
 and, for lists such as the cards, how often each element is right. Next to them: what always
 writing the commonest true value would score, the accuracy of a model that ignores the image. It
 reads the CoT fields only, so it needs a model trained with CoT. In the formula games it also checks
-the formula the thoughts plan: does it use each card once and make the target?
+the formula the thoughts plan: does it use each card once and make the target? With --play it plays
+those start states to the end and says where an episode is lost: a plan that stops solving the cards,
+or an action that is not the plan's next unit. In Blackjack, --policy asks about every hard total from
+12 to 20 against every dealer card, 8 times each, and prints how often it hits, marking each choice
+that differs from the expert's (exact dynamic programming).
 """
 import argparse
 import collections
@@ -59,6 +63,38 @@ def plan_accuracy(task, answers, infos):
     return solved / n, solvable / n
 
 
+def plan_following(task, steps):
+    """Formula games, played episodes: steps is a list of (info before the step, the answer, the unit
+    played). -> {measure: share}: of all steps, those whose thoughts write a plan that solves the cards
+    and starts with the formula so far; of those, the ones that play the plan's next unit."""
+    import re
+    import envs
+    import rl4vlm
+    game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
+    valid = followed = 0
+    for info, text, played in steps:
+        objs = rl4vlm._json_objects(text)
+        found = re.search(rf"; (.+) makes {game.target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
+        plan, so_far = (found.group(1).split() if found else []), [u for u in info["formula"].split() if u != envs.BLANK]
+        if plan[:len(so_far)] == so_far and envs.solves(plan, info["numbers"], game.target):
+            valid += 1
+            followed += len(plan) > len(so_far) and played == plan[len(so_far)] or len(plan) == len(so_far) and played == "="
+    return {"plan solves and continues the formula": valid / max(len(steps), 1),
+            "of those, the action is its next unit": followed / max(valid, 1)}
+
+
+def blackjack_states():
+    """Hard totals 12-20 (a 10 and a card) against each dealer up-card rank: [(total, rank, obs, info,
+    the expert's action name)]. The dealer's face-down card is a 5 (no answer can see it)."""
+    import envs
+    env, out = envs.make("blackjack"), []
+    for total in range(12, 21):
+        for rank in envs.RANKS[1:] + envs.RANKS[:1]:  # 2 .. K, then A
+            obs, info = env.reset(seed=0, options={"player": ["10", str(total - 10)], "dealer": [rank, "5"]})
+            out.append((total, rank, obs, info, env.action_names[env.expert_action()]))
+    return out
+
+
 def constant_guess(task, infos):
     """The same measures for a reader that always writes the commonest true value (element-wise for lists)."""
     import rl4vlm
@@ -80,6 +116,10 @@ if __name__ == "__main__":
     p.add_argument("model", help="a model folder written by rl4vlm.py (RUN/model)")
     p.add_argument("--states", type=int, default=96, help="start states to read")
     p.add_argument("--batch", type=int, default=16, help="states per generate call")
+    p.add_argument("--policy", action="store_true", help="Blackjack: how often it hits each hard total against "
+                   "each dealer card, against the expert")
+    p.add_argument("--play", action="store_true", help="formula games: play the start states to the end and "
+                   "check each step's action against the thoughts' plan")
     args = p.parse_args()
     if args.states < 1 or args.batch < 1:
         p.error("--states and --batch must be positive")
@@ -94,6 +134,9 @@ if __name__ == "__main__":
     task = meta["task"]
     if not meta.get("cot", True):
         sys.exit("reading.py: error: this model answers without thoughts (--no-cot): it writes no state fields")
+    if args.play and task not in ("ezpoints", "points24") or args.policy and task != "blackjack":
+        sys.exit(f"reading.py: error: --{'play' if args.play else 'policy'} is for "
+                 f"{'the formula games' if args.play else 'Blackjack'}; this model plays {task}")
     run_args = rl4vlm.parse_args(["--task", task, "--load", args.model])
     gen_config = rl4vlm.generation_config(model, processor, run_args)
     model.eval()
@@ -115,3 +158,42 @@ if __name__ == "__main__":
     plan = plan_accuracy(task, answers, pool.infos)
     if plan is not None:
         print(f"  thoughts' formula solves the cards: {100 * plan[0]:.1f}% (a solution exists: {100 * plan[1]:.1f}%)")
+    if args.play:
+        import random
+        steps, returns, rng = [], [], random.Random(0)
+        for i in range(0, args.states, args.batch):
+            pool = rl4vlm.EnvPool(task, [rl4vlm.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))],
+                                  queue=iter([]))
+            while pool.active:
+                inputs = rl4vlm.process(processor, pool.prompts(True), pool.observations(), "cpu")
+                texts = processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
+                                                         skip_special_tokens=True)
+                actions, _ = rl4vlm.choose_actions(texts, pool.action_names, rng)
+                steps += [(pool.infos[e], t, pool.action_names[a]) for e, t, a in zip(pool.active, texts, actions)]
+                returns += pool.step(actions)[4]
+        print(f"  played to the end: {len(steps)} steps, success {100 * sum(r > 0 for r in returns) / len(returns):.1f}%")
+        for name, share in plan_following(task, steps).items():
+            print(f"  {name}: {100 * share:.1f}%")
+    if args.policy:
+        states, k = blackjack_states(), 8
+        prompts = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, _, _, info, _ in states] * k
+        images, hits = [obs for _, _, obs, _, _ in states] * k, collections.Counter()
+        for i in range(0, len(prompts), args.batch):
+            inputs = rl4vlm.process(processor, prompts[i:i + args.batch], images[i:i + args.batch], "cpu")
+            texts = processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
+                                                     skip_special_tokens=True)
+            for j, text in enumerate(texts):  # no single legal action: a coin flip, as in play
+                a = rl4vlm.parse_action(text, pool.action_names)
+                hits[(i + j) % len(states)] += 0.5 if a is None else pool.action_names[a] == "hit"
+        ranks = [rank for _, rank, _, _, _ in states[:13]]
+        print(f"  hits, out of {k} (* the expert does the other), hard total against the dealer's card:")
+        print("    " + "".join(f"{r:>4}" for r in ranks))
+        differ = 0
+        for row in range(0, len(states), 13):
+            cells = []
+            for c in range(row, row + 13):
+                wrong = (hits[c] > k / 2) != (states[c][4] == "hit")
+                differ += wrong
+                cells.append(f"{hits[c]:g}{'*' if wrong else ' '}".rjust(4))
+            print(f"  {states[row][0]:>2}" + "".join(cells))
+        print(f"  the majority choice differs from the expert's in {differ} of {len(states)} states")
