@@ -75,10 +75,11 @@ def plan_following(task, steps):
     for info, text, played in steps:
         objs = rl4vlm._json_objects(text)
         found = re.search(rf"; (.+) makes {game.target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
-        plan, so_far = (found.group(1).split() if found else []), [u for u in info["formula"].split() if u != envs.BLANK]
+        plan = found.group(1).split() if found else []
+        so_far = [u for u in info["formula"].split() if u != envs.BLANK]
         if plan[:len(so_far)] == so_far and envs.solves(plan, info["numbers"], game.target):
             valid += 1
-            followed += len(plan) > len(so_far) and played == plan[len(so_far)] or len(plan) == len(so_far) and played == "="
+            followed += played == (plan[len(so_far)] if len(plan) > len(so_far) else "=")  # a written plan: "="
     return {"plan solves and continues the formula": valid / max(len(steps), 1),
             "of those, the action is its next unit": followed / max(valid, 1)}
 
@@ -161,9 +162,9 @@ if __name__ == "__main__":
     if args.play:
         import random
         steps, returns, rng = [], [], random.Random(0)
-        for i in range(0, args.states, args.batch):
-            pool = rl4vlm.EnvPool(task, [rl4vlm.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))],
-                                  queue=iter([]))
+        for i in range(0, args.states, args.batch):  # each start state played once, a batch at a time
+            seeds = [rl4vlm.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))]
+            pool = rl4vlm.EnvPool(task, seeds, queue=iter([]))
             while pool.active:
                 inputs = rl4vlm.process(processor, pool.prompts(True), pool.observations(), "cpu")
                 texts = processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
@@ -171,7 +172,8 @@ if __name__ == "__main__":
                 actions, _ = rl4vlm.choose_actions(texts, pool.action_names, rng)
                 steps += [(pool.infos[e], t, pool.action_names[a]) for e, t, a in zip(pool.active, texts, actions)]
                 returns += pool.step(actions)[4]
-        print(f"  played to the end: {len(steps)} steps, success {100 * sum(r > 0 for r in returns) / len(returns):.1f}%")
+        success = sum(r > 0 for r in returns) / len(returns)
+        print(f"  played to the end: {len(steps)} steps, success {100 * success:.1f}%")
         for name, share in plan_following(task, steps).items():
             print(f"  {name}: {100 * share:.1f}%")
     if args.policy:
