@@ -427,10 +427,13 @@ def test_episode_seeds_never_collide():
             R.episode_seed("sft", *bad)
 
 
+READING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py")
+
+
 def test_reading_probe_scores_state_fields():
     """tools/reading.py's field accuracy: a demonstration's answer reads everything right, a swapped or
     broken answer does not; the constant guess scores the commonest value's share."""
-    rd = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py"))
+    rd = runpy.run_path(READING)
     env = envs.make("points24")
     infos = [env.reset(options={"cards": c})[1] for c in (["10", "3", "8", "A"], ["K", "2", "10", "5"])]
     right = [R.format_response("points24", i, "=") for i in infos]
@@ -454,7 +457,7 @@ def test_reading_probe_scores_state_fields():
 def test_reading_probe_checks_that_actions_follow_the_plan():
     """tools/reading.py --play: a step counts as planned when its thoughts' formula solves the cards and
     starts with the formula so far, and as followed when the unit played is that formula's next one."""
-    rd = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py"))
+    rd = runpy.run_path(READING)
     env = envs.make("points24")
     info = env.reset(options={"cards": ["10", "3", "8", "A"]})[1]
     steps = []
@@ -479,7 +482,7 @@ def test_reading_probe_checks_that_actions_follow_the_plan():
 def test_reading_probe_blackjack_states():
     """tools/reading.py --policy's states: every hard total 12-20 against every up-card, as the env
     deals them, with the expert's choice (hit 12 against a 2 or a 7, stand 13 against a 6, 17 up)."""
-    rd = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py"))
+    rd = runpy.run_path(READING)
     states = rd["blackjack_states"]()
     assert len(states) == 9 * 13 and len({(t, r) for t, r, _, _, _ in states}) == 117
     expert = {(t, r): a for t, r, _, _, a in states}
@@ -1568,17 +1571,17 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     assert again["start"]["episodes"] == 2 and "final" not in again  # evaluated once
     assert not (tmp_path / "again" / "model").exists()  # nothing trained, nothing saved
     # tools/reading.py reads the saved model's state fields
-    r3 = subprocess.run([sys.executable, os.path.join(HERE, "tools", "reading.py"), str(out / "model"), "--states", "3"],
-                        capture_output=True, text=True, timeout=300, cwd=HERE)
+    def reading(*flags):
+        return subprocess.run([sys.executable, READING, str(out / "model"), *flags], capture_output=True, text=True,
+                              timeout=300, cwd=HERE)
+    r3 = reading("--states", "3")
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "3 start states" in r3.stdout and "cards: exact" in r3.stdout and "formula: exact" in r3.stdout
     assert "thoughts' formula solves the cards" in r3.stdout
-    r4 = subprocess.run([sys.executable, os.path.join(HERE, "tools", "reading.py"), str(out / "model"), "--states", "2",
-                         "--play"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    r4 = reading("--states", "2", "--play")
     assert r4.returncode == 0, r4.stderr[-2000:]
     assert "played to the end" in r4.stdout and "the action is its next unit" in r4.stdout
-    r5 = subprocess.run([sys.executable, os.path.join(HERE, "tools", "reading.py"), str(out / "model"), "--policy"],
-                        capture_output=True, text=True, timeout=300, cwd=HERE)
+    r5 = reading("--policy")
     assert r5.returncode == 1 and r5.stderr.strip() == ("reading.py: error: --policy is for Blackjack; "
                                                         "this model plays ezpoints")
 
