@@ -142,13 +142,17 @@ if __name__ == "__main__":
     gen_config = rl4vlm.generation_config(model, processor, run_args)
     model.eval()
     torch.manual_seed(0)
+
+    def answer(prompts, images):
+        """The model's sampled answers, one generate call."""
+        inputs = rl4vlm.process(processor, prompts, images, "cpu")
+        return processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
+                                                skip_special_tokens=True)
+
     pool = rl4vlm.EnvPool(task, [rl4vlm.episode_seed("probe", i) for i in range(args.states)])
     prompts, answers = pool.prompts(True), []
     for i in range(0, args.states, args.batch):
-        rows = range(i, min(i + args.batch, args.states))
-        inputs = rl4vlm.process(processor, [prompts[j] for j in rows], [pool.obs[j] for j in rows], "cpu")
-        answers += processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
-                                                    skip_special_tokens=True)
+        answers += answer(prompts[i:i + args.batch], pool.obs[i:i + args.batch])
     model_acc, guess_acc = field_accuracy(task, answers, pool.infos), constant_guess(task, pool.infos)
     print(f"{args.model} ({task}), {args.states} start states: share right (model vs always the commonest value)")
     for f, (exact, per) in model_acc.items():
@@ -166,9 +170,7 @@ if __name__ == "__main__":
             seeds = [rl4vlm.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))]
             pool = rl4vlm.EnvPool(task, seeds, queue=iter([]))
             while pool.active:
-                inputs = rl4vlm.process(processor, pool.prompts(True), pool.observations(), "cpu")
-                texts = processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
-                                                         skip_special_tokens=True)
+                texts = answer(pool.prompts(True), pool.observations())
                 actions, _ = rl4vlm.choose_actions(texts, pool.action_names, rng)
                 steps += [(pool.infos[e], t, pool.action_names[a]) for e, t, a in zip(pool.active, texts, actions)]
                 returns += pool.step(actions)[4]
@@ -181,10 +183,7 @@ if __name__ == "__main__":
         prompts = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, _, _, info, _ in states] * k
         images, hits = [obs for _, _, obs, _, _ in states] * k, collections.Counter()
         for i in range(0, len(prompts), args.batch):
-            inputs = rl4vlm.process(processor, prompts[i:i + args.batch], images[i:i + args.batch], "cpu")
-            texts = processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
-                                                     skip_special_tokens=True)
-            for j, text in enumerate(texts):  # no single legal action: a coin flip, as in play
+            for j, text in enumerate(answer(prompts[i:i + args.batch], images[i:i + args.batch])):  # no single legal action: a coin flip, as in play
                 a = rl4vlm.parse_action(text, pool.action_names)
                 hits[(i + j) % len(states)] += 0.5 if a is None else pool.action_names[a] == "hit"
         ranks = [rank for _, rank, _, _, _ in states[:13]]
