@@ -155,6 +155,8 @@ def make_parser():
 
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-episodes", type=nonneg_int, default=200, help="evaluation episodes after SFT, after RL")
+    g.add_argument("--eval-envs", type=positive_int, help="evaluation episodes played at a time, one batched "
+                   "generate (default: --num-envs); more is faster on a CPU, the same episodes")
     g.add_argument("--save-dir", default=None, help="where the model and metrics go (default runs/TASK-sSEED, "
                    "-load appended for --load runs, so evaluating a run never overwrites it)")
     return p
@@ -1235,7 +1237,7 @@ def ppo_update(agent, optimizer, rollout, advantages, returns, args, rng):
 @torch.no_grad()
 def evaluate(agent, args, episodes):
     """Success rate (return > 0, the paper's metric), mean return and invalid-answer rate over the
-    fixed evaluation episodes 0 .. episodes - 1, played --num-envs at a time (with many processes,
+    fixed evaluation episodes 0 .. episodes - 1, played --eval-envs at a time (with many processes,
     each plays every WORLD-th of them).
 
     Its sampling noise comes from a forked torch RNG: the same for every evaluation of a run, and the
@@ -1246,7 +1248,7 @@ def evaluate(agent, args, episodes):
         agent.model.eval()
         rng, gen_config = random.Random(rank_seed(args.seed)), generation_config(agent.model, agent.processor, args)
         seeds = [episode_seed("evaluation", j) for j in range(RANK, episodes, WORLD)]
-        n = min(args.num_envs, len(seeds))
+        n = min(args.eval_envs or args.num_envs, len(seeds))
         pool = EnvPool(args.task, seeds[:n], queue=iter(seeds[n:]))
         returns, invalid = [], []
         while pool.active:

@@ -1533,6 +1533,23 @@ def test_evaluate_leaves_the_training_rng_alone(tiny):
     assert R.evaluate(_agent(model, processor), args, 4) == first
 
 
+def test_eval_envs_batches_the_same_episodes(tiny, monkeypatch):
+    """--eval-envs sets how many evaluation episodes share one generate; the episodes are the same."""
+    model, processor = tiny
+    batches, pools = [], []
+    generate, pool_class = R.generate, R.EnvPool
+    monkeypatch.setattr(R, "generate", lambda m, inputs, *a, **k: batches.append(len(inputs["input_ids"]))
+                        or generate(m, inputs, *a, **k))
+    monkeypatch.setattr(R, "EnvPool", lambda task, seeds, queue: pools.append(seeds + list(queue))
+                        or pool_class(task, pools[-1][:len(seeds)], iter(pools[-1][len(seeds):])))
+    for flags in ([], ["--eval-envs", "3"]):
+        args = R.parse_args(["--task", "numberline", "--num-envs", "2", "--max-new-tokens", "8", *flags])
+        batches.clear()
+        assert R.evaluate(_agent(model, processor), args, 5)["episodes"] == 5
+        assert max(batches) == (3 if flags else 2)
+    assert pools[0] == pools[1] == [R.episode_seed("evaluation", j) for j in range(5)]
+
+
 # --- rl4vlm.py: the command line
 
 def _run(*argv, timeout=600):
