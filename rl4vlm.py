@@ -193,6 +193,7 @@ def parse_args(argv=None):
     for name, (tiny, real) in SCALE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else real)
+    args.eval_envs = args.eval_envs or args.num_envs
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
     if args.lora and args.model == "tiny" and args.load is None:
@@ -1248,7 +1249,7 @@ def evaluate(agent, args, episodes):
         agent.model.eval()
         rng, gen_config = random.Random(rank_seed(args.seed)), generation_config(agent.model, agent.processor, args)
         seeds = [episode_seed("evaluation", j) for j in range(RANK, episodes, WORLD)]
-        n = min(args.eval_envs or args.num_envs, len(seeds))
+        n = min(args.eval_envs, len(seeds))
         pool = EnvPool(args.task, seeds[:n], queue=iter(seeds[n:]))
         returns, invalid = [], []
         while pool.active:
