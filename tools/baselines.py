@@ -4,8 +4,9 @@
 
 The random policy is the floor of the results table (a uniformly random legal action every step);
 the expert (envs.py's expert_action: exact solver, DP-optimal Blackjack) is the ceiling.
-For Blackjack it also prints the policies "hit below N, whatever the dealer shows": their exact win
-rates (infinite deck) show how much of the ceiling needs the dealer's card.
+For Blackjack it also prints the policies "hit below N, whatever the dealer shows", and the expert
+with soft hands (an ace counted as 11) or hard hands played that way: their exact win rates
+(infinite deck) show how much of the ceiling needs the dealer's card, and how much the soft hands.
 """
 import argparse
 import functools
@@ -23,12 +24,29 @@ def hit_below(n):
     return lambda env, info: env.action_names.index("hit" if info["player_total"] < n else "stand")
 
 
-def exact_win_rate(n):
-    """Exact win rate of hit_below(n) on the infinite deck, summed over every deal."""
+def expert_hits(hard, ace, up):
+    """The expert's choice (envs.py: the return-optimal one) for a hand of hard value `hard` (aces as 1)."""
+    stand, hit = envs.blackjack_values(hard, ace, up)
+    return hit > stand
+
+
+def expert_except(n, soft):
+    """The expert, but its soft hands (soft=True) or its hard ones play "hit below n" instead."""
+    def hits(hard, ace, up):
+        total = envs._best(hard, ace)
+        return total < n if (total != hard) == soft else expert_hits(hard, ace, up)
+    return hits
+
+
+def exact_win_rate(n_or_hits):
+    """Exact win rate on the infinite deck, summed over every deal, of hit_below(n) or of a policy
+    hits(hard, ace, up) -> True to hit."""
+    hits = (lambda hard, ace, up: envs._best(hard, ace) < n_or_hits) if isinstance(n_or_hits, int) else n_or_hits
+
     @functools.lru_cache(maxsize=None)
     def win(hard, ace, up):  # probability of winning from a player's hand, dealer up-card value `up`
-        total = envs._best(hard, ace)
-        if total >= n:  # stand: win when the dealer ends lower or busts (final total 0)
+        if not hits(hard, ace, up):  # stand: win when the dealer ends lower or busts (final total 0)
+            total = envs._best(hard, ace)
             return sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
         return sum(p * win(hard + v, ace or v == 1, up) for v, p in envs.DRAW if hard + v <= 21)
     return sum(pu * pa * pb * win(a + b, 1 in (a, b), up)
@@ -64,3 +82,7 @@ if __name__ == "__main__":
     for n in range(12, 18):
         print(f"hit below {n}: {100 * exact_win_rate(n):.1f}% exact, "
               f"{100 * success_rate('blackjack', hit_below(n), args.episodes):.1f}% on the evaluation seeds")
+    print("\nBlackjack, exact win rate")
+    for name, hits in (("the expert", expert_hits), ("the expert, soft hands hit below 14", expert_except(14, True)),
+                       ("the expert, hard hands hit below 14", expert_except(14, False))):
+        print(f"{name}: {100 * exact_win_rate(hits):.2f}%")

@@ -12,9 +12,9 @@ writing the commonest true value would score, the accuracy of a model that ignor
 reads the CoT fields only, so it needs a model trained with CoT. In the formula games it also checks
 the formula the thoughts plan: does it use each card once and make the target? With --play it plays
 those start states to the end and says where an episode is lost: a plan that stops solving the cards,
-or an action that is not the plan's next unit. In Blackjack, --policy asks about every hard total from
-12 to 20 against every dealer card, 8 times each, and prints how often it hits, marking each choice
-that differs from the expert's (exact dynamic programming).
+or an action that is not the plan's next unit. In Blackjack, --policy asks about every two-card hand
+(hard totals 5 to 20, soft ones A2 to A9) against every dealer card, 8 times each, and prints how often
+it hits, marking each choice that differs from the expert's (exact dynamic programming).
 """
 import argparse
 import collections
@@ -85,14 +85,16 @@ def plan_following(task, steps):
 
 
 def blackjack_states():
-    """Hard totals 12-20 (a 10 and a card) against each dealer up-card rank: [(total, rank, obs, info,
-    the expert's action name)]. The dealer's face-down card is a 5 (no answer can see it)."""
+    """Two-card hands against each dealer up-card rank: [(hand, rank, obs, info, the expert's action
+    name)]. hand: "5".."20" hard (a 2 and a card up to 11, then a 10 and a card), "A2".."A9" soft.
+    The dealer's face-down card is a 5 (no answer can see it)."""
     import envs
     env, out = envs.make("blackjack"), []
-    for total in range(12, 21):
+    hands = [(str(t), ["2", str(t - 2)] if t <= 11 else ["10", str(t - 10)]) for t in range(5, 21)]
+    for label, cards in hands + [(f"A{k}", ["A", str(k)]) for k in range(2, 10)]:
         for rank in envs.RANKS[1:] + envs.RANKS[:1]:  # 2 .. K, then A
-            obs, info = env.reset(seed=0, options={"player": ["10", str(total - 10)], "dealer": [rank, "5"]})
-            out.append((total, rank, obs, info, env.action_names[env.expert_action()]))
+            obs, info = env.reset(seed=0, options={"player": cards, "dealer": [rank, "5"]})
+            out.append((label, rank, obs, info, env.action_names[env.expert_action()]))
     return out
 
 
@@ -117,7 +119,7 @@ if __name__ == "__main__":
     p.add_argument("model", help="a model folder written by rl4vlm.py (RUN/model)")
     p.add_argument("--states", type=int, default=96, help="start states to read")
     p.add_argument("--batch", type=int, default=16, help="states per generate call")
-    p.add_argument("--policy", action="store_true", help="Blackjack: how often it hits each hard total against "
+    p.add_argument("--policy", action="store_true", help="Blackjack: how often it hits each two-card hand against "
                    "each dealer card, against the expert")
     p.add_argument("--play", action="store_true", help="formula games: play the start states to the end and "
                    "check each step's action against the thoughts' plan")
@@ -187,7 +189,8 @@ if __name__ == "__main__":
                 a = rl4vlm.parse_action(text, pool.action_names)
                 hits[(i + j) % len(states)] += 0.5 if a is None else pool.action_names[a] == "hit"
         ranks = [rank for _, rank, _, _, _ in states[:13]]
-        print(f"  hits, out of {k} (* the expert does the other), hard total against the dealer's card:")
+        print(f"  hits, out of {k} (* the expert does the other), hand (hard total, or soft: A and a card) against "
+              "the dealer's card:")
         print("    " + "".join(f"{r:>4}" for r in ranks))
         differ = 0
         for row in range(0, len(states), 13):
@@ -196,5 +199,5 @@ if __name__ == "__main__":
                 wrong = (hits[c] > k / 2) != (states[c][4] == "hit")
                 differ += wrong
                 cells.append(f"{hits[c]:g}{'*' if wrong else ' '}".rjust(4))
-            print(f"  {states[row][0]:>2}" + "".join(cells))
+            print(f"  {states[row][0]:>3}" + "".join(cells))
         print(f"  the majority choice differs from the expert's in {differ} of {len(states)} states")
