@@ -24,6 +24,11 @@ def hit_below(n):
     return lambda env, info: env.action_names.index("hit" if info["player_total"] < n else "stand")
 
 
+def blind_hits(n):
+    """hit_below(n) for exact_win_rate: a hand of hard value `hard` (aces as 1), dealer up-card `up`."""
+    return lambda hard, ace, up: envs._best(hard, ace) < n
+
+
 def expert_hits(hard, ace, up):
     """The expert's choice (envs.py: the return-optimal one) for a hand of hard value `hard` (aces as 1)."""
     stand, hit = envs.blackjack_values(hard, ace, up)
@@ -32,17 +37,13 @@ def expert_hits(hard, ace, up):
 
 def expert_except(n, soft):
     """The expert, but its soft hands (soft=True) or its hard ones play "hit below n" instead."""
-    def hits(hard, ace, up):
-        total = envs._best(hard, ace)
-        return total < n if (total != hard) == soft else expert_hits(hard, ace, up)
-    return hits
+    blind = blind_hits(n)
+    return lambda hard, ace, up: (blind if (envs._best(hard, ace) != hard) == soft else expert_hits)(hard, ace, up)
 
 
-def exact_win_rate(n_or_hits):
-    """Exact win rate on the infinite deck, summed over every deal, of hit_below(n) or of a policy
-    hits(hard, ace, up) -> True to hit."""
-    hits = (lambda hard, ace, up: envs._best(hard, ace) < n_or_hits) if isinstance(n_or_hits, int) else n_or_hits
-
+def exact_win_rate(hits):
+    """Exact win rate on the infinite deck, summed over every deal, of a policy hits(hard, ace, up) -> True
+    to hit."""
     @functools.lru_cache(maxsize=None)
     def win(hard, ace, up):  # probability of winning from a player's hand, dealer up-card value `up`
         if not hits(hard, ace, up):  # stand: win when the dealer ends lower or busts (final total 0)
@@ -80,7 +81,7 @@ if __name__ == "__main__":
         print(f"{policy:8s} " + " ".join(f"{100 * r:9.1f}%" for r in rates))
     print("\nBlackjack, hit below N whatever the dealer shows: exact win rate, and on the evaluation seeds")
     for n in range(12, 18):
-        print(f"hit below {n}: {100 * exact_win_rate(n):.1f}% exact, "
+        print(f"hit below {n}: {100 * exact_win_rate(blind_hits(n)):.1f}% exact, "
               f"{100 * success_rate('blackjack', hit_below(n), args.episodes):.1f}% on the evaluation seeds")
     print("\nBlackjack, exact win rate")
     for name, hits in (("the expert", expert_hits), ("the expert, soft hands hit below 14", expert_except(14, True)),
