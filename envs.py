@@ -296,6 +296,12 @@ def blackjack_values(hard, ace, up):
     return stand, hit
 
 
+def blackjack_expert_hits(hard, ace, up):
+    """The expert's choice: hit when hitting has the higher expected return (exact DP, infinite deck)."""
+    stand, hit = blackjack_values(hard, ace, up)
+    return hit > stand
+
+
 # ---------------------------------------------------------------- environments
 class _Task(gym.Env):
     """Shared plumbing: image spaces, action checking, render."""
@@ -570,10 +576,9 @@ class BlackjackEnv(_Task):
         return info
 
     def expert_action(self):
-        """Hit when hitting has the higher expected return (exact DP over the infinite deck)."""
         ranks = [r for r, _ in self.player]
-        stand, hit = blackjack_values(sum(VALUE[r] for r in ranks), "A" in ranks, VALUE[self.dealer[0][0]])
-        return self.action_names.index("hit" if hit > stand else "stand")
+        hits = blackjack_expert_hits(sum(VALUE[r] for r in ranks), "A" in ranks, VALUE[self.dealer[0][0]])
+        return self.action_names.index("hit" if hits else "stand")
 
     def _image(self):
         S = self.image_size

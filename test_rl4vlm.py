@@ -410,7 +410,7 @@ def test_blackjack_threshold_baselines_match_play():
         played = 100 * b["success_rate"]("blackjack", b["hit_below"](n), 10000)
         assert abs(exact - played) < 2.0, (n, exact, played)
         assert exact < 43.16  # the best win rate any policy can reach on the infinite deck
-    expert = 100 * b["exact_win_rate"](b["expert_hits"])  # the expert's exact rate: the README's 42.95
+    expert = 100 * b["exact_win_rate"](envs.blackjack_expert_hits)  # the expert's exact rate: the README's 42.95
     played = 100 * b["success_rate"]("blackjack", "expert", 10000)
     assert abs(expert - played) < 2.0 and 42.9 < expert < 43.16, (expert, played)
     for soft in (True, False):  # the expert with one kind of hand played dealer-blind loses, but less than all

@@ -29,16 +29,14 @@ def blind_hits(n):
     return lambda hard, ace, up: envs._best(hard, ace) < n
 
 
-def expert_hits(hard, ace, up):
-    """The expert's choice (envs.py: the return-optimal one) for a hand of hard value `hard` (aces as 1)."""
-    stand, hit = envs.blackjack_values(hard, ace, up)
-    return hit > stand
-
-
 def expert_except(n, soft):
     """The expert, but its soft hands (soft=True) or its hard ones play "hit below n" instead."""
     blind = blind_hits(n)
-    return lambda hard, ace, up: (blind if (envs._best(hard, ace) != hard) == soft else expert_hits)(hard, ace, up)
+
+    def hits(hard, ace, up):
+        is_soft = envs._best(hard, ace) != hard
+        return (blind if is_soft == soft else envs.blackjack_expert_hits)(hard, ace, up)
+    return hits
 
 
 def exact_win_rate(hits):
@@ -84,6 +82,7 @@ if __name__ == "__main__":
         print(f"hit below {n}: {100 * exact_win_rate(blind_hits(n)):.1f}% exact, "
               f"{100 * success_rate('blackjack', hit_below(n), args.episodes):.1f}% on the evaluation seeds")
     print("\nBlackjack, exact win rate")
-    for name, hits in (("the expert", expert_hits), ("the expert, soft hands hit below 14", expert_except(14, True)),
+    for name, hits in (("the expert", envs.blackjack_expert_hits),
+                       ("the expert, soft hands hit below 14", expert_except(14, True)),
                        ("the expert, hard hands hit below 14", expert_except(14, False))):
         print(f"{name}: {100 * exact_win_rate(hits):.2f}%")
