@@ -152,6 +152,9 @@ def make_parser():
                    "approximate KL exceeds this, against KL spikes that break the format (not in the paper)")
     g.add_argument("--kl-coef", type=nonneg_float, default=1.0, help="weight of KL(pi || pi_SFT) per answer token, "
                    "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper")
+    g.add_argument("--kl-action", action=argparse.BooleanOptionalAction, default=True, help="keep the action "
+                   "tokens in the KL term; --no-kl-action holds only the fields and thoughts to pi_SFT, so the action "
+                   "may grow sharper than the SFT policy's coin flip (tried on Blackjack, not adopted: docs/results.md)")
     g.add_argument("--thought-coef", type=unit_float, default=0.5, help="lambda, the thoughts' weight (paper: 0.5)")
 
     g = p.add_argument_group("evaluation and output")
@@ -811,9 +814,10 @@ def lambda_log_pi(logp, thought_mask, action_mask, thought_coef):
     return thought_coef * (logp * thought_mask).sum(1) + (logp * action_mask).sum(1)
 
 
-def score(model, value_head, batch, temperature, thought_coef, ref_logprobs=None):
+def score(model, value_head, batch, temperature, thought_coef, ref_logprobs=None, kl_mask=None):
     """log pi(a|s) = thought_coef * sum log p(thought tokens) + sum log p(action tokens), V(s), and,
-    given the reference's log-probs, KL(pi || pi_ref) per answer token, averaged over the answer."""
+    given the reference's log-probs, KL(pi || pi_ref) per answer token, averaged over the answer's
+    tokens (or over kl_mask's, (B, R))."""
     logprobs, hidden = token_logprobs(model, batch, temperature)  # (B, R, V), (B, H)
     log_pi = lambda_log_pi(answer_logp(logprobs, batch), batch["thought_mask"], batch["action_mask"], thought_coef)
     mask = batch["thought_mask"] + batch["action_mask"]  # (B, R): 0 on padding
@@ -821,7 +825,8 @@ def score(model, value_head, batch, temperature, thought_coef, ref_logprobs=None
     kl = None
     if ref_logprobs is not None:  # exact KL over the vocabulary at each position, not a sampled estimate
         kl_tokens = (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)  # (B, R)
-        kl = (kl_tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+        kl_mask = mask if kl_mask is None else kl_mask
+        kl = (kl_tokens * kl_mask).sum(1) / kl_mask.sum(1).clamp(min=1)
     return log_pi, value, kl  # (B,), (B,), (B,) or None
 
 
@@ -1169,7 +1174,9 @@ def ppo_loss(agent, batch, old, args):
     # ours, for the KL term: the SFT policy's log-probs of this micro-batch only, (B, R, V), so that
     # memory grows with the micro-batch, not with the rollout (one more forward, without gradients)
     ref = None if agent.ref is None else reference_logprobs(agent.model, agent.ref, batch, args.temperature)
-    log_pi, value, ref_kl = score(agent.model, agent.value_head, batch, args.temperature, args.thought_coef, ref)
+    kl_mask = None if args.kl_action else batch["thought_mask"]  # --no-kl-action: fields and thoughts only
+    log_pi, value, ref_kl = score(agent.model, agent.value_head, batch, args.temperature, args.thought_coef,
+                                  ref, kl_mask)
     # --- the paper's loss: PPO's clipped surrogate and clipped value loss
     log_ratio = log_pi - old_lp
     ratio = log_ratio.exp()

@@ -1414,6 +1414,41 @@ def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
         p.data.copy_(b)
 
 
+def test_no_kl_action_leaves_the_action_tokens_out_of_the_kl_term(tiny):
+    """--no-kl-action: the KL term averages over the fields' and thoughts' tokens only. A reference that
+    differs from the policy only from the action key on adds nothing to it; by default it does."""
+    model, processor = tiny
+    model.eval()
+    tok = processor.tokenizer
+    vh = R.make_value_head(R.text_hidden_size(model))
+    pool = R.EnvPool("blackjack", range(3))
+    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    answers = [" " + R.format_response("blackjack", info, name) for info, name in zip(pool.infos, ["hit", "stand", "hit"])]
+    samples = [R.make_sample(inputs, i, torch.tensor(tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id]),
+                             tok) for i, a in enumerate(answers)]
+    batch = R.collate(samples, tok.pad_token_id, "cpu")
+    thoughts, action = batch["thought_mask"], batch["action_mask"]
+    assert (thoughts.sum(1) > 5).all() and (action.sum(1) >= 3).all()  # both parts present in every answer
+    with torch.no_grad():
+        ref_lp = R.token_logprobs(model, batch, 0.2)[0].clone()  # the policy's own: KL 0 everywhere
+        ref_lp[action.bool()] = torch.log_softmax(torch.randn_like(ref_lp[action.bool()]), -1)
+        full = R.score(model, vh, batch, 0.2, 0.5, ref_lp)[2]
+        spared = R.score(model, vh, batch, 0.2, 0.5, ref_lp, thoughts)[2]
+    assert (full > 1e-2).all() and spared.abs().max().item() < 1e-5
+    # through ppo_loss, as the flag sets it: a perturbed reference, each flag's mean over its own tokens
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        old_lp, old_v, _ = R.score(model, vh, batch, 0.2, 0.5)
+        old = (old_lp, old_v, torch.zeros(3), old_v)
+        for flags, mask in ((["--no-kl-action"], thoughts), ([], thoughts + action)):
+            _, parts = R.ppo_loss(_agent(model, processor, vh, ref), batch, old, R.parse_args(flags))
+            expected = R.score(model, vh, batch, 0.2, 0.5, R.reference_logprobs(model, ref, batch, 0.2), mask)[2]
+            assert parts["ref_kl"] == pytest.approx(expected.mean().item(), rel=1e-4)
+    assert R.parse_args([]).kl_action and not R.parse_args(["--no-kl-action"]).kl_action
+
+
 def test_the_kl_reference_is_scored_a_micro_batch_at_a_time(tiny, monkeypatch):
     """The SFT policy's log-probs over the vocabulary, (B, R, V), exist for one micro-batch at a time: an
     update's memory does not grow with rollout size x vocabulary (it kept the whole rollout's: 80-160 GB
