@@ -1261,6 +1261,15 @@ def _agent(model, processor, value_head=None, ref=None):
     return R.Agent(model, processor, value_head, torch.device("cpu"), "tiny", ref)
 
 
+def _perturbed_copy(model, scale=0.02):
+    """A KL reference that the policy is not: a copy of the model with noise on every weight."""
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return ref
+
+
 def _rollout(samples, old_log_pi, old_values):
     """A Rollout with what ppo_update reads: the samples and their old log pi and V(s)."""
     return R.Rollout(samples, old_log_pi, old_values, *[None] * 5, finished=[], invalid=[])
@@ -1391,10 +1400,7 @@ def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
     samples = _samples(model, processor, n=4, seed=4, task="numberline")
     pad = processor.tokenizer.pad_token_id
     before = [p.detach().clone() for p in model.parameters()]
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    ref = _perturbed_copy(model)
 
     def kl_to_ref():
         batch = R.collate(samples, pad, "cpu")
@@ -1436,10 +1442,8 @@ def test_no_kl_action_leaves_the_action_tokens_out_of_the_kl_term(tiny):
         spared = R.score(model, vh, batch, 0.2, 0.5, ref_lp, thoughts)[2]
     assert (full > 1e-2).all() and spared.abs().max().item() < 1e-5
     # through ppo_loss, as the flag sets it: a perturbed reference, each flag's mean over its own tokens
-    ref = copy.deepcopy(model)
+    ref = _perturbed_copy(model)
     with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.02 * torch.randn_like(p))
         old_lp, old_v, _ = R.score(model, vh, batch, 0.2, 0.5)
         old = (old_lp, old_v, torch.zeros(3), old_v)
         for flags, mask in ((["--no-kl-action"], thoughts), ([], thoughts + action)):
