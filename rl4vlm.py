@@ -280,7 +280,12 @@ def thoughts_text(task, info):
         return f"The cards are {cards}; " + (f"{' '.join(plan)} makes {game.target}." if plan
                                               else f"no formula from here makes {game.target}.")
     soft = " with a usable ace" if info["usable_ace"] else ""
-    return f"I have {info['player_total']}{soft} and the dealer shows {info['dealer_card']}."
+    t, card = info["player_total"], info["dealer_card"]
+    value = {"J": 10, "Q": 10, "K": 10, "A": "1 or 11"}.get(card, card)
+    safe = 21 - t
+    bust = ("no card busts me" if info["usable_ace"] or safe >= 10 else
+            "every card busts me" if safe < 1 else f"a card above {safe} busts me")
+    return f"I have {t}{soft} and the dealer shows {card}, worth {value}; {bust}."
 
 
 def build_prompt(task, action_names, info, cot=True):

@@ -845,6 +845,29 @@ def test_demo_answers_parse_back(task):
             assert list(json.loads(text))[-1] == "action"
 
 
+def test_blackjack_thoughts_relate_the_hand_to_the_next_card_truthfully():
+    """The Blackjack demo thoughts state the hand, the dealer card's worth and which next cards bust;
+    every such claim is checked against the rules for all hands of two or three cards. They never
+    say what to do (that is left to RL)."""
+    hands = [[a, b] for a in envs.RANKS for b in envs.RANKS] + [[a, "5", c] for a in "2K" for c in envs.RANKS]
+    for hand in hands:
+        total, soft = envs.hand_value(hand)
+        if total > 21:
+            continue  # a bust hand is never asked about
+        for up in ("A", "7", "K"):
+            info = {"player_cards": hand, "player_total": total, "usable_ace": soft, "dealer_card": up}
+            text = R.thoughts_text("blackjack", info)
+            assert text.startswith(f"I have {total}{' with a usable ace' if soft else ''} and the dealer shows {up}")
+            assert f"worth {envs.VALUE[up] if up != 'A' else '1 or 11'};" in text
+            assert "hit" not in text and "stand" not in text
+            busts = {r for r in envs.RANKS if envs.hand_value(hand + [r])[0] > 21}
+            m = re.search(r"a card above (\d+) busts me", text)
+            if m:
+                assert busts == {r for r in envs.RANKS if envs.VALUE[r] > int(m.group(1))} != set(), text
+            else:
+                assert busts == (set() if "no card busts me" in text else set(envs.RANKS)), text
+
+
 # --- rl4vlm.py: the model, its inputs and generation
 
 @pytest.fixture(scope="module")
