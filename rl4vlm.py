@@ -50,14 +50,17 @@ import weakref
 # Arguments. Parsed before torch and transformers are imported, so `--help` answers at once.
 
 TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS holds the gym ids
-# The SFT warm start of each task: (the tiny model's SFT steps, share of the expert's actions, chance
-# an episode starts over after a step). NumberLine and Blackjack leave every decision to RL; a formula
-# game needs about four right picks in a row, which random demos never show. The formula games start
-# over often because the formula so far (in the prompt, as the official) names the cards already
-# played: only start states make SFT read the image (see sft()). They take 2,000 steps: at 1,300 one
-# EZPoints seed in three still misread a card (SFT loss 0.003 against 0.0007; docs/results.md).
-SFT_DEMOS = {"numberline": (1300, 0.0, 0.0), "ezpoints": (2000, 1.0, 0.5), "points24": (2000, 1.0, 0.5),
-             "blackjack": (1300, 0.0, 0.0)}  # at 800 one seed in three never read the dealer's card
+# The SFT warm start of each task: (the tiny model's SFT steps, demonstrations per step, share of the
+# expert's actions, chance an episode starts over after a step). NumberLine and Blackjack leave every
+# decision to RL; a formula game needs about four right picks in a row, which random demos never show.
+# The formula games start over often because the formula so far (in the prompt, as the official) names
+# the cards already played: only start states make SFT read the image (see sft()). They take 2,000
+# steps: at 1,300 one EZPoints seed in three still misread a card (SFT loss 0.003 against 0.0007).
+# NumberLine takes 64 demos a step: at 32, two seeds in eight stayed on the plateau where a number is
+# not read, even after 3,000 steps (docs/results.md).
+SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0), "ezpoints": (2000, 32, 1.0, 0.5),
+             "points24": (2000, 32, 1.0, 0.5),
+             "blackjack": (1300, 32, 0.0, 0.0)}  # at 800 steps one seed in three never read the dealer's card
 # Defaults that depend on the model: (the tiny model on a CPU, a real checkpoint). A real one's fit a 7B
 # model with --lora on one 80 GB GPU; its lr and answer length are the official code's.
 SCALE_DEFAULTS = {"num_envs": (8, 4), "max_new_tokens": (96, 256), "lr": (1e-4, 1e-5), "micro_batch_size": (32, 4),
@@ -125,7 +128,8 @@ def make_parser():
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
                    help="SFT steps before RL (default for the tiny model: SFT_DEMOS, 2000 for the formula games, "
                    "else 1300; 0 with --load or --model PATH)")
-    g.add_argument("--sft-batch-size", type=positive_int, default=32, help="demonstrations per SFT step")
+    g.add_argument("--sft-batch-size", type=positive_int, default=None,
+                   help="demonstrations per SFT step (default: SFT_DEMOS, 64 for NumberLine, else 32)")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=None,
                    help="share of demonstration actions taken from the expert, the rest uniformly random "
@@ -135,7 +139,9 @@ def make_parser():
                    "(default: SFT_DEMOS, 0.5 for the formula games, else 0)")
 
     g = p.add_argument_group("PPO")
-    g.add_argument("--num-updates", type=nonneg_int, default=50, help="PPO updates (rollout + optimisation)")
+    g.add_argument("--num-updates", type=nonneg_int, default=100,
+                   help="PPO updates (rollout + optimisation); the README's runs take 20 for the formula games, "
+                   "200 for Blackjack")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
     g.add_argument("--lr", type=positive_float, help="Adam learning rate, cosine-decayed over the run (default: "
                    "1e-4 for the tiny model, 1e-5 for a real checkpoint as the official code)")
@@ -207,7 +213,8 @@ def parse_args(argv=None):
     arch = f"-{args.tiny_arch}" if args.model == "tiny" and args.tiny_arch != "llava" and not args.load else ""
     args.save_dir = args.save_dir or os.path.join(
         "runs", f"{args.task}{arch}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
-    steps, expert_prob, restart_prob = SFT_DEMOS[args.task]
+    steps, batch_size, expert_prob, restart_prob = SFT_DEMOS[args.task]
+    args.sft_batch_size = args.sft_batch_size or batch_size
     if args.sft_steps is None:
         args.sft_steps = steps if (args.model == "tiny" and args.load is None) else 0
     args.sft_expert_prob = expert_prob if args.sft_expert_prob is None else args.sft_expert_prob

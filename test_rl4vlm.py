@@ -4,6 +4,7 @@ Everything runs on a CPU with nothing downloaded: the environments, and a tiny L
 model built from configs by rl4vlm.py, and a tiny copy of each other supported VLM family. The whole
 file takes a few minutes on two cores.
 """
+import collections
 import copy
 import json
 import math
@@ -485,6 +486,21 @@ def test_reading_probe_checks_that_actions_follow_the_plan():
                    "of those, the action is its next unit": n / (n + 1)}
 
 
+def test_reading_probe_checks_that_numberline_actions_follow_the_thoughts():
+    """tools/reading.py --policy on NumberLine: the demonstrations' thoughts relate the numbers right and
+    a right move follows them; a wrong move, a wrong relation word, or no action count against."""
+    rd = runpy.run_path(READING)
+    env = envs.make("numberline")
+    infos = [env.reset(options={"current": c, "target": t})[1] for c, t in ((5, 1), (0, 3), (2, 4))]
+    right = [R.format_response("numberline", i, m) for i, m in zip(infos, "-++")]
+    assert "is smaller" in right[0] and "is larger" in right[1]
+    assert rd["relation_following"](right, infos) == (1.0, 1.0, collections.Counter())
+    wrong_move = R.format_response("numberline", infos[0], "+")  # says smaller, moves up
+    wrong_word = right[1].replace("is larger", "is smaller")  # moves up, as it should, against its word
+    got = rd["relation_following"]([wrong_move, wrong_word, "not json"], infos)
+    assert got == (1 / 3, 0.0, collections.Counter({(5, 1): 1, (2, 4): 1}))
+
+
 def test_reading_probe_blackjack_states():
     """tools/reading.py --policy's states: every two-card hand (hard 5-20, soft A2-A9) against every
     up-card, as the env deals them, with the expert's choice (hit 12 against a 2 or a 7, stand 13
@@ -736,11 +752,12 @@ def test_load_defaults_to_the_saved_task_and_format(tmp_path):
 
 
 def test_sft_demo_defaults_per_task(tmp_path):
-    for task, (steps, expert_prob, restart_prob) in R.SFT_DEMOS.items():
+    for task, demos in R.SFT_DEMOS.items():
         args = R.parse_args(["--task", task])
-        assert (args.sft_steps, args.sft_expert_prob, args.sft_restart_prob) == (steps, expert_prob, restart_prob)
-    assert R.SFT_DEMOS["ezpoints"][1:] == R.SFT_DEMOS["points24"][1:] == (1.0, 0.5)
-    assert R.SFT_DEMOS["numberline"][1:] == R.SFT_DEMOS["blackjack"][1:] == (0.0, 0.0)
+        assert (args.sft_steps, args.sft_batch_size, args.sft_expert_prob, args.sft_restart_prob) == demos
+    assert R.SFT_DEMOS["ezpoints"][2:] == R.SFT_DEMOS["points24"][2:] == (1.0, 0.5)
+    assert R.SFT_DEMOS["numberline"][2:] == R.SFT_DEMOS["blackjack"][2:] == (0.0, 0.0)
+    assert R.parse_args(["--task", "numberline", "--sft-batch-size", "8"]).sft_batch_size == 8
     assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
     args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
     assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
@@ -1670,8 +1687,8 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     assert r4.returncode == 0, r4.stderr[-2000:]
     assert "played to the end" in r4.stdout and "the action is its next unit" in r4.stdout
     r5 = reading("--policy")
-    assert r5.returncode == 1 and r5.stderr.strip() == ("reading.py: error: --policy is for Blackjack; "
-                                                        "this model plays ezpoints")
+    assert r5.returncode == 1 and r5.stderr.strip() == ("reading.py: error: --policy is for Blackjack and "
+                                                        "NumberLine; this model plays ezpoints")
 
 
 @pytest.mark.parametrize("argv, message", [

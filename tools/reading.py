@@ -14,7 +14,9 @@ the formula the thoughts plan: does it use each card once and make the target? W
 those start states to the end and says where an episode is lost: a plan that stops solving the cards,
 or an action that is not the plan's next unit. In Blackjack, --policy asks about every two-card hand
 (hard totals 5 to 20, soft ones A2 to A9) against every dealer card, 8 times each, and prints how often
-it hits, marking each choice that differs from the expert's (exact dynamic programming).
+it hits, marking each choice that differs from the expert's (exact dynamic programming). In NumberLine,
+--policy asks about each start state 8 times: do the thoughts relate the numbers right ("... is
+larger"), does the action follow them, and at which states does it not.
 """
 import argparse
 import collections
@@ -84,6 +86,29 @@ def plan_following(task, steps):
             "of those, the action is its next unit": followed / max(valid, 1)}
 
 
+def relation_following(answers, infos):
+    """NumberLine: answers and the envs' infos. -> (share whose thoughts relate the two numbers right,
+    share whose action follows the relation they write, Counter of (current, target) -> answers whose
+    action is not the right move; no single legal action counts as not)."""
+    import re
+    import envs
+    import rl4vlm
+    names = envs.make("numberline").action_names
+    right = follows = 0
+    wrong = collections.Counter()
+    for text, info in zip(answers, infos):
+        fields = rl4vlm.cot_fields("numberline", info)
+        current, target = fields["current number"], fields["target number"]
+        said = re.search(r"is (larger|smaller)", text)
+        right += bool(said) and said.group(1) == ("larger" if target > current else "smaller")
+        a = rl4vlm.parse_action(text, names)
+        move = None if a is None else names[a]
+        follows += bool(said) and move == {"larger": "+", "smaller": "-"}[said.group(1)]
+        wrong[(current, target)] += move != ("+" if target > current else "-")
+    n = max(len(infos), 1)
+    return right / n, follows / n, +wrong
+
+
 def blackjack_states():
     """Two-card hands against each dealer up-card rank: [(hand, rank, obs, info, the expert's action
     name)]. hand: "5".."20" hard (a 2 and a card up to 11, then a 10 and a card), "A2".."A9" soft.
@@ -120,7 +145,7 @@ if __name__ == "__main__":
     p.add_argument("--states", type=int, default=96, help="start states to read")
     p.add_argument("--batch", type=int, default=16, help="states per generate call")
     p.add_argument("--policy", action="store_true", help="Blackjack: how often it hits each two-card hand against "
-                   "each dealer card, against the expert")
+                   "each dealer card, against the expert; NumberLine: do its actions follow its thoughts")
     p.add_argument("--play", action="store_true", help="formula games: play the start states to the end and "
                    "check each step's action against the thoughts' plan")
     args = p.parse_args()
@@ -137,9 +162,9 @@ if __name__ == "__main__":
     task = meta["task"]
     if not meta.get("cot", True):
         sys.exit("reading.py: error: this model answers without thoughts (--no-cot): it writes no state fields")
-    if args.play and task not in ("ezpoints", "points24") or args.policy and task != "blackjack":
+    if args.play and task not in ("ezpoints", "points24") or args.policy and task not in ("blackjack", "numberline"):
         sys.exit(f"reading.py: error: --{'play' if args.play else 'policy'} is for "
-                 f"{'the formula games' if args.play else 'Blackjack'}; this model plays {task}")
+                 f"{'the formula games' if args.play else 'Blackjack and NumberLine'}; this model plays {task}")
     run_args = rl4vlm.parse_args(["--task", task, "--load", args.model])
     gen_config = rl4vlm.generation_config(model, processor, run_args)
     model.eval()
@@ -180,7 +205,19 @@ if __name__ == "__main__":
         print(f"  played to the end: {len(steps)} steps, success {100 * success:.1f}%")
         for name, share in plan_following(task, steps).items():
             print(f"  {name}: {100 * share:.1f}%")
-    if args.policy:
+    if args.policy and task == "numberline":
+        k = 8
+        infos = pool.infos * k
+        images, texts = list(pool.obs) * k, []
+        for i in range(0, len(infos), args.batch):
+            texts += answer((prompts * k)[i:i + args.batch], images[i:i + args.batch])
+        right, follows, wrong = relation_following(texts, infos)
+        asked = collections.Counter(tuple(rl4vlm.cot_fields(task, info).values()) for info in infos)
+        print(f"  {len(texts)} answers ({k} per state): the thoughts relate the numbers right {100 * right:.1f}%, "
+              f"the action follows them {100 * follows:.1f}%")
+        print("  wrong moves at (current, target), of the answers there: "
+              + (", ".join(f"{s}: {w} of {asked[s]}" for s, w in wrong.most_common(5)) or "none"))
+    elif args.policy:
         states, k = blackjack_states(), 8
         prompts = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, _, _, info, _ in states] * k
         images, hits = [obs for _, _, obs, _, _ in states] * k, collections.Counter()
