@@ -56,10 +56,9 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # The formula games start over often because the formula so far (in the prompt, as the official) names
 # the cards already played: only start states make SFT read the image (see sft()). They take 2,000
 # steps: at 1,300 one EZPoints seed in three still misread a card (SFT loss 0.003 against 0.0007).
-# NumberLine takes 64 demos a step: at 32, two seeds in eight stayed on the plateau where a number is
-# not read, even after 3,000 steps (docs/results.md).
-SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0), "ezpoints": (2000, 32, 1.0, 0.5),
-             "points24": (2000, 32, 1.0, 0.5),
+# NumberLine takes 64 demos a step: at 32, three seeds in eight ended short of reading both numbers,
+# one even after 3,000 steps (docs/results.md).
+SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0), "ezpoints": (2000, 32, 1.0, 0.5), "points24": (2000, 32, 1.0, 0.5),
              "blackjack": (1300, 32, 0.0, 0.0)}  # at 800 steps one seed in three never read the dealer's card
 # Defaults that depend on the model: (the tiny model on a CPU, a real checkpoint). A real one's fit a 7B
 # model with --lora on one 80 GB GPU; its lr and answer length are the official code's.
