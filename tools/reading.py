@@ -207,10 +207,9 @@ if __name__ == "__main__":
             print(f"  {name}: {100 * share:.1f}%")
     if args.policy and task == "numberline":
         k = 8
-        infos = pool.infos * k
-        images, texts = list(pool.obs) * k, []
+        infos, asks, images, texts = pool.infos * k, prompts * k, list(pool.obs) * k, []
         for i in range(0, len(infos), args.batch):
-            texts += answer((prompts * k)[i:i + args.batch], images[i:i + args.batch])
+            texts += answer(asks[i:i + args.batch], images[i:i + args.batch])
         right, follows, wrong = relation_following(texts, infos)
         asked = collections.Counter(tuple(rl4vlm.cot_fields(task, info).values()) for info in infos)
         print(f"  {len(texts)} answers ({k} per state): the thoughts relate the numbers right {100 * right:.1f}%, "
