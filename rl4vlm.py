@@ -54,11 +54,12 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # expert's actions, chance an episode starts over after a step). NumberLine and Blackjack leave every
 # decision to RL; a formula game needs about four right picks in a row, which random demos never show.
 # The formula games start over often because the formula so far (in the prompt, as the official) names
-# the cards already played: only start states make SFT read the image (see sft()). They take 2,000
-# steps: at 1,300 one EZPoints seed in three still misread a card (SFT loss 0.003 against 0.0007).
+# the cards already played: only start states make SFT read the image (see sft()). EZPoints takes 2,000
+# steps: at 1,300 one seed in three still misread a card (SFT loss 0.003 against 0.0007). Points24
+# takes 3,000 steps of 64 demos: at 2,000 of 32 no seed in three read its four cards.
 # NumberLine takes 64 demos a step: at 32, three seeds in eight ended short of reading both numbers,
 # one even after 3,000 steps (docs/results.md).
-SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0), "ezpoints": (2000, 32, 1.0, 0.5), "points24": (2000, 32, 1.0, 0.5),
+SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0), "ezpoints": (2000, 32, 1.0, 0.5), "points24": (3000, 64, 1.0, 0.5),
              "blackjack": (1300, 32, 0.0, 0.0)}  # at 800 steps one seed in three never read the dealer's card
 # Defaults that depend on the model: (the tiny model on a CPU, a real checkpoint). A real one's fit a 7B
 # model with --lora on one 80 GB GPU; its lr and answer length are the official code's.
@@ -273,18 +274,24 @@ def cot_fields(task, info):
 
 
 def thoughts_text(task, info):
-    """The demos' thoughts: what the image shows and how its numbers relate, never what to do next.
-    SFT teaches reading and relating; which action follows is left to RL. This is what the paper's
-    CoT ablation measures: the thoughts are what make the decision learnable."""
+    """The demos' thoughts: what the image shows and how its numbers relate. In NumberLine and Blackjack
+    never what to do next: SFT teaches reading and relating, and the decision is left to RL, which is
+    what the paper's CoT ablation measures. A formula game's thoughts write a whole plan, the expert's."""
     if task == "numberline":
         side = "larger" if info["target"] > info["current"] else "smaller"
         return f"The current number is {info['current']} and the target {info['target']} is {side}."
     if task in ("ezpoints", "points24"):
+        # The whole plan with a bar where the formula so far ends: the action is the unit after the bar
+        # (a copy), not the unit at a count of the formula's units, which the tiny model missed at one
+        # planned step in six (docs/results.md).
         game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
-        plan = envs.continue_solution(info["numbers"], info["formula"].split(), game.target, game.ops)
+        so_far = [u for u in info["formula"].split() if u != envs.BLANK]
+        plan = envs.continue_solution(info["numbers"], so_far, game.target, game.ops)
         cards = ", ".join(map(str, info["numbers"]))
-        return f"The cards are {cards}; " + (f"{' '.join(plan)} makes {game.target}." if plan
-                                              else f"no formula from here makes {game.target}.")
+        if plan is None:
+            return f"The cards are {cards}; no formula from here makes {game.target}."
+        written = " ".join([*plan[:len(so_far)], "|", *plan[len(so_far):]])
+        return f"The cards are {cards}; {written} makes {game.target}."
     soft = " with a usable ace" if info["usable_ace"] else ""
     t, card = info["player_total"], info["dealer_card"]
     value = {"J": 10, "Q": 10, "K": 10, "A": "1 or 11"}.get(card, card)

@@ -455,6 +455,7 @@ def test_reading_probe_scores_state_fields():
     assert rd["plan_accuracy"]("points24", right + [R.format_response("points24", unsolvable, "=")],
                                infos + [unsolvable]) == (2 / 3, 2 / 3)
     plan = right[0].split("; ")[1].split(" makes")[0]
+    assert plan == "| ( 10 - 1 ) * 8 / 3"  # a start state: the bar, then the whole formula
     wrong = [right[0].replace(plan, "( 10 - 3 ) * 8 / 1"),  # the cards, but 56
              right[0].replace(plan, "( 10 - 1 ) * 8 / 3 / 1"), "not json"]  # 24, but the ace twice
     assert rd["plan_accuracy"]("points24", wrong, [infos[0]] * 3) == (0.0, 1.0)
@@ -479,8 +480,8 @@ def test_reading_probe_checks_that_actions_follow_the_plan():
         "plan solves and continues the formula": 1.0, "of those, the action is its next unit": 1.0}
     first, later = steps[0], steps[2]
     off_plan = (first[0], first[1], "+")  # planned, not followed
-    assert later[0]["formula"] == "( 10" and "( 10 - 1 ) * 8 / 3 makes" in later[1]
-    other_start = (later[0], later[1].replace("( 10 - 1 ) * 8 / 3", "8 * ( 10 - 1 ) / 3"), "-")  # solves, ignores "( 10"
+    assert later[0]["formula"] == "( 10" and "; ( 10 | - 1 ) * 8 / 3 makes" in later[1]  # the bar: the next unit
+    other_start = (later[0], later[1].replace("( 10 | - 1 ) * 8 / 3", "8 * ( 10 - 1 ) / 3"), "-")  # solves, ignores "( 10"
     got = rd["plan_following"]("points24", steps + [off_plan, other_start, (first[0], "not json", "=")])
     assert got == {"plan solves and continues the formula": (n + 1) / (n + 3),
                    "of those, the action is its next unit": n / (n + 1)}
@@ -883,6 +884,30 @@ def test_blackjack_thoughts_relate_the_hand_to_the_next_card_truthfully():
                 assert busts == {r for r in envs.RANKS if envs.VALUE[r] > int(m.group(1))} != set(), text
             else:
                 assert busts == (set() if "no card busts me" in text else set(envs.RANKS)), text
+
+
+def test_formula_thoughts_plan_a_solution_with_the_next_unit_after_the_bar():
+    """The formula games' demo thoughts write one solution of the cards that starts with the formula so
+    far, a bar where that formula ends, and the expert's next unit right after the bar ("=" when the
+    bar stands last), at every step of the expert's episodes; an unsolvable deal says so."""
+    for task in ("ezpoints", "points24"):
+        env, game = envs.make(task), (envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env)
+        for seed in range(40):
+            info, done = env.reset(seed=seed)[1], False
+            while not done:
+                a = env.expert_action()
+                text, name = R.thoughts_text(task, info), env.action_names[a]
+                assert text.startswith(f"The cards are {', '.join(map(str, info['numbers']))}; ")
+                if text.endswith(f"; no formula from here makes {game.target}."):
+                    assert envs.continue_solution(info["numbers"], [], game.target, game.ops) is None
+                    break
+                units = re.fullmatch(rf"The cards are .+?; (.+) makes {game.target}\.", text).group(1).split()
+                bar = units.index("|")
+                plan = units[:bar] + units[bar + 1:]
+                assert units.count("|") == 1 and envs.solves(plan, info["numbers"], game.target)
+                assert units[:bar] == info["formula"].split()
+                assert (units[bar + 1] if bar + 1 < len(units) else "=") == name, text
+                _, _, done, _, info = env.step(a)
 
 
 # --- rl4vlm.py: the model, its inputs and generation

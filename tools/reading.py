@@ -45,11 +45,18 @@ def field_accuracy(task, answers, infos):
     return {f: (right[f] / n, elements[f] / total[f] if total[f] else None) for f in right}
 
 
+def written_plan(objs, target):
+    """The formula a formula game's thoughts plan ("...; 2 | * 6 makes 12." -> ["2", "*", "6"]; the
+    bar, where the formula so far ends, is not a unit), from an answer's JSON objects; [] if none."""
+    import re
+    found = re.search(rf"; (.+) makes {target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
+    return [u for u in found.group(1).split() if u != "|"] if found else []
+
+
 def plan_accuracy(task, answers, infos):
     """Formula games: the share of answers whose thoughts write a formula that solves the cards
-    ("...; 2 * 6 makes 12."), and the share of deals that have one (what a perfect reader and solver
+    ("...; | 2 * 6 makes 12."), and the share of deals that have one (what a perfect reader and solver
     would score). -> (solved, solvable), or None for the other tasks."""
-    import re
     import envs
     import rl4vlm
     if task not in ("ezpoints", "points24"):
@@ -58,8 +65,8 @@ def plan_accuracy(task, answers, infos):
     solved = solvable = 0
     for text, info in zip(answers, infos):
         objs = rl4vlm._json_objects(text)
-        found = re.search(rf"; (.+) makes {game.target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
-        solved += bool(found) and envs.solves(found.group(1).split(), info["numbers"], game.target)
+        plan = written_plan(objs, game.target)
+        solved += envs.solves(plan, info["numbers"], game.target)
         solvable += bool(envs.continue_solution(info["numbers"], [], game.target, game.ops))
     n = max(len(infos), 1)
     return solved / n, solvable / n
@@ -69,15 +76,13 @@ def plan_following(task, steps):
     """Formula games, played episodes: steps is a list of (info before the step, the answer, the unit
     played). -> {measure: share}: of all steps, those whose thoughts write a plan that solves the cards
     and starts with the formula so far; of those, the ones that play the plan's next unit."""
-    import re
     import envs
     import rl4vlm
     game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
     valid = followed = 0
     for info, text, played in steps:
         objs = rl4vlm._json_objects(text)
-        found = re.search(rf"; (.+) makes {game.target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
-        plan = found.group(1).split() if found else []
+        plan = written_plan(objs, game.target)
         so_far = [u for u in info["formula"].split() if u != envs.BLANK]
         if plan[:len(so_far)] == so_far and envs.solves(plan, info["numbers"], game.target):
             valid += 1
