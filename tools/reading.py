@@ -45,10 +45,12 @@ def field_accuracy(task, answers, infos):
     return {f: (right[f] / n, elements[f] / total[f] if total[f] else None) for f in right}
 
 
-def written_plan(objs, target):
-    """The formula a formula game's thoughts plan ("...; 2 | * 6 makes 12." -> ["2", "*", "6"]; the
-    bar, where the formula so far ends, is not a unit), from an answer's JSON objects; [] if none."""
+def written_plan(text, target):
+    """The formula a formula game's answer plans in its thoughts ("...; 2 | * 6 makes 12." -> ["2", "*",
+    "6"]; the bar, where the formula so far ends, is not a unit); [] if none."""
     import re
+    import rl4vlm
+    objs = rl4vlm._json_objects(text)
     found = re.search(rf"; (.+) makes {target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
     return [u for u in found.group(1).split() if u != "|"] if found else []
 
@@ -58,14 +60,12 @@ def plan_accuracy(task, answers, infos):
     ("...; | 2 * 6 makes 12."), and the share of deals that have one (what a perfect reader and solver
     would score). -> (solved, solvable), or None for the other tasks."""
     import envs
-    import rl4vlm
     if task not in ("ezpoints", "points24"):
         return None
     game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
     solved = solvable = 0
     for text, info in zip(answers, infos):
-        objs = rl4vlm._json_objects(text)
-        plan = written_plan(objs, game.target)
+        plan = written_plan(text, game.target)
         solved += envs.solves(plan, info["numbers"], game.target)
         solvable += bool(envs.continue_solution(info["numbers"], [], game.target, game.ops))
     n = max(len(infos), 1)
@@ -77,12 +77,10 @@ def plan_following(task, steps):
     played). -> {measure: share}: of all steps, those whose thoughts write a plan that solves the cards
     and starts with the formula so far; of those, the ones that play the plan's next unit."""
     import envs
-    import rl4vlm
     game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
     valid = followed = 0
     for info, text, played in steps:
-        objs = rl4vlm._json_objects(text)
-        plan = written_plan(objs, game.target)
+        plan = written_plan(text, game.target)
         so_far = [u for u in info["formula"].split() if u != envs.BLANK]
         if plan[:len(so_far)] == so_far and envs.solves(plan, info["numbers"], game.target):
             valid += 1
