@@ -126,11 +126,14 @@ def make_parser():
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
-                   help="SFT steps before RL (default for the tiny model: SFT_DEMOS, 2000 for the formula games, "
-                   "else 1300; 0 with --load or --model PATH)")
+                   help="SFT steps before RL (default for the tiny model: SFT_DEMOS, 2000 for EZPoints, 3000 for "
+                   "Points24, else 1300; 0 with --load or --model PATH)")
     g.add_argument("--sft-batch-size", type=positive_int, default=None,
-                   help="demonstrations per SFT step (default: SFT_DEMOS, 64 for NumberLine, else 32)")
+                   help="demonstrations per SFT step (default: SFT_DEMOS, 64 for NumberLine and Points24, else 32)")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
+    g.add_argument("--sft-warmup", type=nonneg_int, default=0,
+                   help="SFT steps over which the learning rate rises linearly to --sft-lr (default 0; 200 made "
+                   "Points24's seed 3 read its cards, not yet the default: docs/results.md)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=None,
                    help="share of demonstration actions taken from the expert, the rest uniformly random "
                    "(default: SFT_DEMOS, 1 for the formula games, else 0)")
@@ -1026,6 +1029,12 @@ def sum_gradients(params):
 # ----------------------------------------------------------------------------------------------
 # Supervised warm start (the paper starts RL from an SFT checkpoint): demonstrations made on the fly.
 
+def sft_learning_rate(step, steps, peak, warmup=0):
+    """The SFT learning rate at `step` of `steps`: a linear rise over the first `warmup` steps, times a
+    cosine from `peak` down to 10% of it."""
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))) * min(1.0, (step + 1) / max(warmup, 1))
+
+
 def sft(agent, args):
     """Cross-entropy on demonstration answers. Thoughts describe the true state; the action is the
     expert's with probability --sft-expert-prob, otherwise uniformly random. After each step an
@@ -1038,7 +1047,7 @@ def sft(agent, args):
     optimizer = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0)
     model.train()
     for step in range(args.sft_steps):
-        lr = args.sft_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.sft_steps)))
+        lr = sft_learning_rate(step, args.sft_steps, args.sft_lr, args.sft_warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
         actions = [env.expert_action() if rng.random() < args.sft_expert_prob else rng.randrange(len(pool.action_names))

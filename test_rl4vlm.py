@@ -764,6 +764,18 @@ def test_sft_demo_defaults_per_task(tmp_path):
     assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
 
 
+def test_sft_learning_rate_warms_up_then_follows_the_cosine():
+    lr = R.sft_learning_rate
+    cosine = [lr(s, 3000, 1e-3) for s in range(3000)]  # no warm-up, the default
+    assert cosine[0] == 1e-3 and abs(cosine[-1] - 1e-4) < 1e-9 and all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert R.parse_args(["--task", "points24"]).sft_warmup == 0
+    warm = [lr(s, 3000, 1e-3, warmup=200) for s in range(3000)]
+    assert abs(warm[0] - cosine[0] / 200) < 1e-15 and warm[99] == cosine[99] / 2
+    assert all(a < b for a, b in zip(warm[:199], warm[1:200]))  # rising over the warm-up
+    assert warm[199:] == cosine[199:]  # then the same schedule as without
+    assert R.parse_args(["--task", "points24", "--sft-warmup", "200"]).sft_warmup == 200
+
+
 def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
     """A real checkpoint (a hub id, or a folder this file did not build from the tiny model) gets the
     defaults that fit a 7B model with --lora on one 80 GB GPU; the tiny model, and what is trained from it
