@@ -51,16 +51,18 @@ import weakref
 
 TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS holds the gym ids
 # The SFT warm start of each task: (the tiny model's SFT steps, demonstrations per step, share of the
-# expert's actions, chance an episode starts over after a step). NumberLine and Blackjack leave every
-# decision to RL; a formula game needs about four right picks in a row, which random demos never show.
-# The formula games start over often because the formula so far (in the prompt, as the official) names
-# the cards already played: only start states make SFT read the image (see sft()). EZPoints takes 2,000
-# steps: at 1,300 one seed in three still misread a card (SFT loss 0.003 against 0.0007). Points24
-# takes 3,000 steps of 64 demos: at 2,000 of 32 no seed in three read its four cards.
-# NumberLine takes 64 demos a step: at 32, three seeds in eight ended short of reading both numbers,
-# one even after 3,000 steps (docs/results.md).
-SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0), "ezpoints": (2000, 32, 1.0, 0.5), "points24": (3000, 64, 1.0, 0.5),
-             "blackjack": (1300, 32, 0.0, 0.0)}  # at 800 steps one seed in three never read the dealer's card
+# expert's actions, chance an episode starts over after a step, steps of linear learning-rate warm-up).
+# NumberLine and Blackjack leave every decision to RL; a formula game needs about four right picks in a
+# row, which random demos never show. The formula games start over often because the formula so far (in
+# the prompt, as the official) names the cards already played: only start states make SFT read the image
+# (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss
+# 0.003 against 0.0007). Points24 takes 2,500 steps of 64 demos after a 200-step warm-up: without it, one
+# seed in three never read its four cards even after 3,000 steps (Adam's first full-rate steps from random
+# weights); 2,500 fit 30 minutes on two cores. NumberLine takes 64 demos a step: at 32, three seeds in
+# eight ended short of reading both numbers, one even after 3,000 steps (docs/results.md).
+SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0, 0), "ezpoints": (2000, 32, 1.0, 0.5, 0),
+             "points24": (2500, 64, 1.0, 0.5, 200),
+             "blackjack": (1300, 32, 0.0, 0.0, 0)}  # at 800 steps one seed in three never read the dealer's card
 # Defaults that depend on the model: (the tiny model on a CPU, a real checkpoint). A real one's fit a 7B
 # model with --lora on one 80 GB GPU; its lr and answer length are the official code's.
 SCALE_DEFAULTS = {"num_envs": (8, 4), "max_new_tokens": (96, 256), "lr": (1e-4, 1e-5), "micro_batch_size": (32, 4),
@@ -126,14 +128,14 @@ def make_parser():
 
     g = p.add_argument_group("supervised warm start (SFT)")
     g.add_argument("--sft-steps", type=nonneg_int, default=None,
-                   help="SFT steps before RL (default for the tiny model: SFT_DEMOS, 2000 for EZPoints, 3000 for "
+                   help="SFT steps before RL (default for the tiny model: SFT_DEMOS, 2000 for EZPoints, 2500 for "
                    "Points24, else 1300; 0 with --load or --model PATH)")
     g.add_argument("--sft-batch-size", type=positive_int, default=None,
                    help="demonstrations per SFT step (default: SFT_DEMOS, 64 for NumberLine and Points24, else 32)")
     g.add_argument("--sft-lr", type=positive_float, default=1e-3, help="SFT learning rate (cosine to 10%%)")
-    g.add_argument("--sft-warmup", type=nonneg_int, default=0,
-                   help="SFT steps over which the learning rate rises linearly to --sft-lr (default 0; 200 made "
-                   "Points24's seed 3 read its cards, not yet the default: docs/results.md)")
+    g.add_argument("--sft-warmup", type=nonneg_int, default=None,
+                   help="SFT steps over which the learning rate rises linearly to --sft-lr (default: SFT_DEMOS, "
+                   "200 for Points24, whose seed 3 never read its cards without it, else 0)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=None,
                    help="share of demonstration actions taken from the expert, the rest uniformly random "
                    "(default: SFT_DEMOS, 1 for the formula games, else 0)")
@@ -216,12 +218,13 @@ def parse_args(argv=None):
     arch = f"-{args.tiny_arch}" if args.model == "tiny" and args.tiny_arch != "llava" and not args.load else ""
     args.save_dir = args.save_dir or os.path.join(
         "runs", f"{args.task}{arch}{'-nocot' if args.no_cot else ''}-s{args.seed}{'-load' if args.load else ''}")
-    steps, batch_size, expert_prob, restart_prob = SFT_DEMOS[args.task]
+    steps, batch_size, expert_prob, restart_prob, warmup = SFT_DEMOS[args.task]
     args.sft_batch_size = args.sft_batch_size or batch_size
     if args.sft_steps is None:
         args.sft_steps = steps if (args.model == "tiny" and args.load is None) else 0
     args.sft_expert_prob = expert_prob if args.sft_expert_prob is None else args.sft_expert_prob
     args.sft_restart_prob = restart_prob if args.sft_restart_prob is None else args.sft_restart_prob
+    args.sft_warmup = warmup if args.sft_warmup is None else args.sft_warmup
     return args
 
 

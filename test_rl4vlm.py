@@ -755,9 +755,10 @@ def test_load_defaults_to_the_saved_task_and_format(tmp_path):
 def test_sft_demo_defaults_per_task(tmp_path):
     for task, demos in R.SFT_DEMOS.items():
         args = R.parse_args(["--task", task])
-        assert (args.sft_steps, args.sft_batch_size, args.sft_expert_prob, args.sft_restart_prob) == demos
-    assert R.SFT_DEMOS["ezpoints"][2:] == R.SFT_DEMOS["points24"][2:] == (1.0, 0.5)
-    assert R.SFT_DEMOS["numberline"][2:] == R.SFT_DEMOS["blackjack"][2:] == (0.0, 0.0)
+        assert (args.sft_steps, args.sft_batch_size, args.sft_expert_prob, args.sft_restart_prob,
+                args.sft_warmup) == demos
+    assert R.SFT_DEMOS["ezpoints"][2:4] == R.SFT_DEMOS["points24"][2:4] == (1.0, 0.5)
+    assert R.SFT_DEMOS["numberline"][2:4] == R.SFT_DEMOS["blackjack"][2:4] == (0.0, 0.0)
     assert R.parse_args(["--task", "numberline", "--sft-batch-size", "8"]).sft_batch_size == 8
     assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
     args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
@@ -768,12 +769,13 @@ def test_sft_learning_rate_warms_up_then_follows_the_cosine():
     lr = R.sft_learning_rate
     cosine = [lr(s, 3000, 1e-3) for s in range(3000)]  # no warm-up, the default
     assert cosine[0] == 1e-3 and abs(cosine[-1] - 1e-4) < 1e-9 and all(a >= b for a, b in zip(cosine, cosine[1:]))
-    assert R.parse_args(["--task", "points24"]).sft_warmup == 0
+    assert R.parse_args(["--task", "numberline"]).sft_warmup == 0 < R.parse_args(["--task", "points24"]).sft_warmup
     warm = [lr(s, 3000, 1e-3, warmup=200) for s in range(3000)]
     assert abs(warm[0] - cosine[0] / 200) < 1e-15 and warm[99] == cosine[99] / 2
     assert all(a < b for a, b in zip(warm[:199], warm[1:200]))  # rising over the warm-up
     assert warm[199:] == cosine[199:]  # then the same schedule as without
-    assert R.parse_args(["--task", "points24", "--sft-warmup", "200"]).sft_warmup == 200
+    assert R.parse_args(["--task", "points24", "--sft-warmup", "0"]).sft_warmup == 0  # the flag wins
+    assert R.parse_args(["--task", "blackjack", "--sft-warmup", "200"]).sft_warmup == 200
 
 
 def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
