@@ -767,7 +767,7 @@ def test_sft_demo_defaults_per_task(tmp_path):
 
 def test_sft_learning_rate_warms_up_then_follows_the_cosine():
     lr = R.sft_learning_rate
-    cosine = [lr(s, 3000, 1e-3) for s in range(3000)]  # no warm-up, the default
+    cosine = [lr(s, 3000, 1e-3) for s in range(3000)]  # warmup=0: the cosine alone
     assert cosine[0] == 1e-3 and abs(cosine[-1] - 1e-4) < 1e-9 and all(a >= b for a, b in zip(cosine, cosine[1:]))
     assert R.parse_args(["--task", "numberline"]).sft_warmup == 0 < R.parse_args(["--task", "points24"]).sft_warmup
     warm = [lr(s, 3000, 1e-3, warmup=200) for s in range(3000)]
