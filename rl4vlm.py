@@ -58,7 +58,7 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss
 # 0.003 against 0.0007). Points24 takes 2,500 steps of 64 demos with a 200-step warm-up: without it, one
 # seed in three never read its four cards even after 3,000 steps (Adam's first full-rate steps from random
-# weights); 2,500, not 3,000, to fit 30 minutes alone on two cores (an estimate: docs/results.md).
+# weights); 2,500, not 3,000, to fit about 30 minutes alone on two cores (29-34 min: docs/results.md).
 # NumberLine takes 64 demos a step: at 32, three seeds in eight ended short of reading both numbers, one
 # even after 3,000 steps (docs/results.md).
 SFT_DEMOS = {"numberline": (1300, 64, 0.0, 0.0, 0), "ezpoints": (2000, 32, 1.0, 0.5, 0),
