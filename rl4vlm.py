@@ -147,7 +147,7 @@ def make_parser():
     g = p.add_argument_group("PPO")
     g.add_argument("--num-updates", type=nonneg_int, default=100,
                    help="PPO updates (rollout + optimisation); the README's runs take 20 for the formula games, "
-                   "200 for Blackjack")
+                   "200 of 16 environments x 8 steps for Blackjack")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
     g.add_argument("--lr", type=positive_float, help="Adam learning rate, cosine-decayed over the run (default: "
                    "1e-4 for the tiny model, 1e-5 for a real checkpoint as the official code)")
@@ -171,6 +171,8 @@ def make_parser():
 
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-episodes", type=nonneg_int, default=200, help="evaluation episodes after SFT, after RL")
+    g.add_argument("--eval-start-episodes", type=nonneg_int, help="evaluation episodes after SFT, before RL "
+                   "(default: --eval-episodes); evaluating changes no training, so fewer only saves time")
     g.add_argument("--eval-envs", type=positive_int, help="evaluation episodes played at a time, one batched "
                    "generate (default: --num-envs); more is faster on a CPU, the same episodes")
     g.add_argument("--save-dir", default=None, help="where the model and metrics go (default runs/TASK-sSEED, "
@@ -210,6 +212,7 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, tiny if args.tiny else real)
     args.eval_envs = args.eval_envs or args.num_envs
+    args.eval_start_episodes = args.eval_episodes if args.eval_start_episodes is None else args.eval_start_episodes
     if args.minibatch_size % min(args.micro_batch_size, args.minibatch_size):
         p.error("--minibatch-size must be a multiple of --micro-batch-size")
     if args.lora and args.model == "tiny" and args.load is None:
@@ -1319,8 +1322,8 @@ def main(args):
         if args.sft_steps:  # the paper starts RL from an SFT model
             sft(agent, args)
         results["sft_seconds"] = time.time() - t0
-        if args.eval_episodes:
-            results["start"] = start = evaluate(agent, args, args.eval_episodes)
+        if args.eval_start_episodes:
+            results["start"] = start = evaluate(agent, args, args.eval_start_episodes)
             log(f"eval before RL: success {start['success']:.3f} | return {start['return']:.3f} | "
                 f"invalid {start['invalid']:.3f} | {start['episodes']} episodes")
         optimizer = rl_optimizer(agent, args)
@@ -1401,8 +1404,10 @@ def finish(agent, args, results, env_steps, recent):
     with open(os.path.join(args.save_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), **results}, f, indent=1)
     if "start" in results and "final" in results:
-        log(f"success on {args.eval_episodes} evaluation episodes: SFT start {results['start']['success']:.3f} -> "
-            f"after RL {results['final']['success']:.3f} (invalid {results['final']['invalid']:.3f}); "
+        start, final = results["start"], results["final"]
+        on = "" if start["episodes"] == final["episodes"] else f" (on {start['episodes']})"
+        log(f"success on {final['episodes']} evaluation episodes: SFT start {start['success']:.3f}{on} -> "
+            f"after RL {final['success']:.3f} (invalid {final['invalid']:.3f}); "
             f"{results['total_seconds'] / 60:.1f} min in all")
     if recent:  # the official code's metric, for comparison with its logs
         log(f"success of the last {len(recent)} training episodes (the official code's metric): "

@@ -1698,14 +1698,16 @@ def _tiny_cli(out, *extra):
 def test_cli_short_run_writes_metrics_and_model(tmp_path):
     out = tmp_path / "run"
     r = _run(*_tiny_cli(out, "--task", "ezpoints", "--sft-steps", "3", "--num-updates", "2", "--max-new-tokens", "16",
-                        "--eval-episodes", "2"))
+                        "--eval-episodes", "2", "--eval-start-episodes", "1"))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("update,env_steps,success") and len(lines) == 3
     assert lines[2].split(",")[1] == "8"  # 2 updates x 2 steps x 2 envs
     assert "answer:" in r.stdout + r.stderr
     results = json.loads((out / "results.json").read_text())
-    assert results["final"]["episodes"] == 2
+    assert results["start"]["episodes"] == 1 and results["final"]["episodes"] == 2  # before RL, after RL
+    printed = r.stdout + r.stderr
+    assert "success on 2 evaluation episodes: SFT start" in printed and "(on 1) -> after RL" in printed
     # evaluate the saved model again, with no training
     r2 = _run("--load", str(out / "model"), "--num-updates", "0", "--eval-episodes", "2",  # the task is the model's
               "--num-envs", "2", "--max-new-tokens", "16", "--save-dir", str(tmp_path / "again"))
