@@ -147,7 +147,7 @@ def make_parser():
     g = p.add_argument_group("PPO")
     g.add_argument("--num-updates", type=nonneg_int, default=100,
                    help="PPO updates (rollout + optimisation); the README's runs take 20 for the formula games, "
-                   "200 of 16 environments x 8 steps for Blackjack")
+                   "200 of 16 environments x 8 steps with --kl-coef 2 for Blackjack")
     g.add_argument("--num-steps", type=positive_int, default=16, help="env steps per environment per rollout")
     g.add_argument("--lr", type=positive_float, help="Adam learning rate, cosine-decayed over the run (default: "
                    "1e-4 for the tiny model, 1e-5 for a real checkpoint as the official code)")
@@ -163,7 +163,8 @@ def make_parser():
     g.add_argument("--target-kl", type=positive_float, default=0.02, help="stop an update once a minibatch's "
                    "approximate KL exceeds this, against KL spikes that break the format (not in the paper)")
     g.add_argument("--kl-coef", type=nonneg_float, default=1.0, help="weight of KL(pi || pi_SFT) per answer token, "
-                   "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper")
+                   "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper; the README's "
+                   "Blackjack runs take 2, against a collapse onto standing on every hand")
     g.add_argument("--kl-action", action=argparse.BooleanOptionalAction, default=True, help="keep the action "
                    "tokens in the KL term; --no-kl-action holds only the fields and thoughts to pi_SFT, so the action "
                    "may grow sharper than the SFT policy's coin flip (tried on Blackjack, not adopted: docs/results.md)")
