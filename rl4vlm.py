@@ -163,8 +163,8 @@ def make_parser():
     g.add_argument("--target-kl", type=positive_float, default=0.02, help="stop an update once a minibatch's "
                    "approximate KL exceeds this, against KL spikes that break the format (not in the paper)")
     g.add_argument("--kl-coef", type=nonneg_float, default=1.0, help="weight of KL(pi || pi_SFT) per answer token, "
-                   "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper; the README's "
-                   "Blackjack runs take 2, against a collapse onto standing on every hand")
+                   "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper; "
+                   "the README's Blackjack runs take 2, against a collapse onto standing on every hand")
     g.add_argument("--kl-action", action=argparse.BooleanOptionalAction, default=True, help="keep the action "
                    "tokens in the KL term; --no-kl-action holds only the fields and thoughts to pi_SFT, so the action "
                    "may grow sharper than the SFT policy's coin flip (tried on Blackjack, not adopted: docs/results.md)")
