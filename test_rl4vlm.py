@@ -434,6 +434,30 @@ def test_episode_seeds_never_collide():
             R.episode_seed("sft", *bad)
 
 
+def test_sft_speed_times_sft_and_counts_denormals(tmp_path):
+    """tools/sft_speed.py: denormals are counted exactly; a short SFT prints one line per --every steps
+    with a positive step time, AdamW time and their ratio, switches flushing on at --flush-from, and
+    writes its model where --save-dir says (never over a default run folder)."""
+    tool = os.path.join(HERE, "tools", "sft_speed.py")
+    s = runpy.run_path(tool)
+    tiny = torch.finfo(torch.float32).tiny
+    tensors = [torch.tensor([tiny / 4, 0.0, tiny, -tiny / 2, 1.0]), None, torch.zeros(3, dtype=torch.long)]
+    assert s["denormals"](tensors) == 2  # tiny / 4 and -tiny / 2; tiny itself is the smallest normal
+    r = subprocess.run([sys.executable, tool, "--every", "2", "--flush-from", "2", *SHORT[:6], "--sft-steps", "4",
+                        "--save-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("sft_speed step")]
+    timed = [x for x in lines if "s a step" in x]
+    assert [x.split()[2] for x in timed] == ["2", "4"] and "flushed" in lines[1], lines
+    for x in timed:
+        step_s, adam_ms, ratio = (float(x.split(key)[1].split()[0]) for key in ("|", "AdamW", "ratio"))
+        assert step_s > 0 and adam_ms > 0
+        assert abs(ratio - 1000 * step_s / adam_ms) <= 1 + 0.05 * ratio  # the printed values are rounded
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    bad = subprocess.run([sys.executable, tool, "--every", "0"], capture_output=True, text=True, cwd=HERE)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("sft_speed.py: error:")
+
+
 READING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py")
 
 
