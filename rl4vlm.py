@@ -165,6 +165,10 @@ def make_parser():
     g.add_argument("--kl-coef", type=nonneg_float, default=1.0, help="weight of KL(pi || pi_SFT) per answer token, "
                    "pi_SFT a frozen copy of the policy as RL starts (with --lora, of its adapter); not in the paper; "
                    "the README's Blackjack runs take 2, against a collapse onto standing on every hand")
+    g.add_argument("--kl-decay", action=argparse.BooleanOptionalAction, default=False, help="let the KL weight "
+                   "fall linearly from --kl-coef to 0 over the run: the term holds the early, noisy updates near "
+                   "pi_SFT, and late ones stop pulling learned choices back toward its coin flip (tried on "
+                   "Blackjack, not adopted: docs/results.md)")
     g.add_argument("--kl-action", action=argparse.BooleanOptionalAction, default=True, help="keep the action "
                    "tokens in the KL term; --no-kl-action holds only the fields and thoughts to pi_SFT, so the action "
                    "may grow sharper than the SFT policy's coin flip (tried on Blackjack, not adopted: docs/results.md)")
@@ -1202,9 +1206,9 @@ def compute_gae(rewards, values, terminated, truncated, final_values, last_value
 # The PPO update (paper Sec. 4.2, Schulman et al. 2017): the clipped surrogate on the lambda-scaled
 # log pi and the clipped value loss; then, marked as ours, the KL to the SFT policy.
 
-def ppo_loss(agent, batch, old, args):
+def ppo_loss(agent, batch, old, args, kl_coef=None):
     """The loss of one micro-batch; old: its samples' old log pi, old V(s), advantages and returns, (B,)
-    each. -> the loss, and its parts as numbers."""
+    each; kl_coef: the KL term's weight this update (default --kl-coef). -> the loss, and its parts as numbers."""
     old_lp, old_v, adv, ret = old
     # ours, for the KL term: the SFT policy's log-probs of this micro-batch only, (B, R, V), so that
     # memory grows with the micro-batch, not with the rollout (one more forward, without gradients)
@@ -1221,7 +1225,7 @@ def ppo_loss(agent, batch, old, args):
     loss = policy_loss + args.vf_coef * value_loss
     # --- ours, not the paper's: KL(pi || pi_SFT) per answer token keeps the answer format
     if ref_kl is not None:
-        loss = loss + args.kl_coef * ref_kl.mean()
+        loss = loss + (args.kl_coef if kl_coef is None else kl_coef) * ref_kl.mean()
     with torch.no_grad():
         parts = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                  "approx_kl": ((ratio - 1) - log_ratio).mean().item(),
@@ -1229,7 +1233,7 @@ def ppo_loss(agent, batch, old, args):
     return loss, parts if ref_kl is None else {**parts, "ref_kl": ref_kl.mean().item()}
 
 
-def ppo_update(agent, optimizer, rollout, advantages, returns, args, rng):
+def ppo_update(agent, optimizer, rollout, advantages, returns, args, rng, kl_coef=None):
     """--update-epochs passes over the rollout in minibatches of --minibatch-size, each forward over
     --micro-batch-size samples with gradients accumulated. advantages, returns: (T, N)."""
     samples, n = rollout.samples, len(rollout.samples)
@@ -1255,7 +1259,7 @@ def ppo_update(agent, optimizer, rollout, advantages, returns, args, rng):
             batch = collate([samples[i] for i in idx], agent.processor.tokenizer.pad_token_id, agent.device,
                             rollout.shape)
             old = [x[idx].to(agent.device) for x in (old_log_pi, old_values, advantages, returns)]
-            loss, parts = ppo_loss(agent, batch, old, args)
+            loss, parts = ppo_loss(agent, batch, old, args, kl_coef)
             for k, v in parts.items():
                 stats[k].append(v)
                 bad = bad or ("" if math.isfinite(v) else f"{k.replace('_', ' ')} is {v}")
@@ -1337,13 +1341,15 @@ def main(args):
             lr = args.lr * 0.5 * (1 + math.cos(math.pi * (update - 1) / args.num_updates))  # cosine to 0
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # --kl-decay: the KL weight falls linearly to 0, so late updates stop pulling choices back to pi_SFT
+            kl_coef = args.kl_coef * (1 - (update - 1) / args.num_updates) if args.kl_decay else args.kl_coef
             (timer, seconds), t_update = make_timer(), time.time()
             rollout = collect_rollout(agent, pool, gen_config, args, rng, timer)
             sps = WORLD * len(rollout.samples) / (time.time() - t_update)
             advantages, returns = compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
                                               rollout.final_values, rollout.last_values, args.gamma, args.gae_lambda)
             with timer("update"):
-                stats = ppo_update(agent, optimizer, rollout, advantages, returns, args, rng)
+                stats = ppo_update(agent, optimizer, rollout, advantages, returns, args, rng, kl_coef)
             env_steps += WORLD * len(rollout.samples)
             rollout.finished, rollout.invalid = gather(rollout.finished), gather(rollout.invalid)  # all processes'
             recent.extend(rollout.finished)

@@ -1550,10 +1550,25 @@ def test_no_kl_action_leaves_the_action_tokens_out_of_the_kl_term(tiny):
         old_lp, old_v, _ = R.score(model, vh, batch, 0.2, 0.5)
         old = (old_lp, old_v, torch.zeros(3), old_v)
         for flags, mask in ((["--no-kl-action"], thoughts), ([], thoughts + action)):
-            _, parts = R.ppo_loss(_agent(model, processor, vh, ref), batch, old, R.parse_args(flags))
+            loss, parts = R.ppo_loss(_agent(model, processor, vh, ref), batch, old, R.parse_args(flags))
             expected = R.score(model, vh, batch, 0.2, 0.5, R.reference_logprobs(model, ref, batch, 0.2), mask)[2]
             assert parts["ref_kl"] == pytest.approx(expected.mean().item(), rel=1e-4)
+            # the weight this update (--kl-decay's): 0 leaves the term out, the default weighs it --kl-coef (1)
+            unweighted, _ = R.ppo_loss(_agent(model, processor, vh, ref), batch, old, R.parse_args(flags), kl_coef=0.0)
+            assert (loss - unweighted).item() == pytest.approx(parts["ref_kl"], rel=1e-3)
     assert R.parse_args([]).kl_action and not R.parse_args(["--no-kl-action"]).kl_action
+
+
+def test_kl_decay_lets_the_kl_weight_fall_linearly_to_zero(tmp_path, monkeypatch):
+    """--kl-decay: update u of U weighs the KL term --kl-coef * (1 - (u - 1) / U); without it, --kl-coef."""
+    weights, update = [], R.ppo_update
+    monkeypatch.setattr(R, "ppo_update", lambda *a: (weights.append(a[-1]), update(*a))[1])
+    for flags, expected in ((["--kl-decay"], [2.0, 1.5, 1.0, 0.5]), ([], [2.0] * 4)):
+        weights.clear()
+        args = R.parse_args(_tiny_cli(tmp_path / "run", "--sft-steps", "1", "--num-updates", "4", "--kl-coef", "2",
+                                      "--eval-episodes", "0", *flags))
+        assert R.main(args) == 0
+        assert weights == pytest.approx(expected)
 
 
 def test_the_kl_reference_is_scored_a_micro_batch_at_a_time(tiny, monkeypatch):
