@@ -526,6 +526,50 @@ def test_reading_probe_checks_that_numberline_actions_follow_the_thoughts():
     assert got == (1 / 3, 0.0, collections.Counter({(5, 1): 1, (2, 4): 1}))
 
 
+def test_reading_play_counts_numberline_wrong_moves_per_state():
+    """tools/reading.py --play on NumberLine: a move counts as wrong by the state it was played in, whatever
+    the answer says (a random move after an invalid answer included)."""
+    rd = runpy.run_path(READING)
+    env = envs.make("numberline")
+    at = lambda c, t: env.reset(options={"current": c, "target": t})[1]
+    steps = [(at(4, 0), "", "-"), (at(4, 0), "", "+"), (at(4, 0), "not json", "+"), (at(1, 3), "", "+"),
+             (at(3, 1), "", "+")]
+    wrong, seen = rd["wrong_moves"](steps)
+    assert wrong == collections.Counter({(4, 0): 2, (3, 1): 1})
+    assert seen == collections.Counter({(4, 0): 3, (1, 3): 1, (3, 1): 1})
+
+
+NUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "nudge.py")
+
+
+def test_nudge_scores_the_action_part_and_teaches_one_state(tiny):
+    """tools/nudge.py: its action log-prob is score()'s log pi with the thoughts weighted 0, for every state's
+    "+" and "-" answer; one Adam step on a state's right answer raises that answer's log-prob."""
+    nd = runpy.run_path(NUDGE)
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    model.eval()
+    states = [(4, 0), (1, 3), (5, 2)]
+    for move in "+-":
+        batch = nd["answers_batch"](processor, states, move)
+        with torch.no_grad():
+            got = nd["action_logp"](model, batch)
+            want = R.score(model, R.make_value_head(R.text_hidden_size(model)), batch, 0.2, 0.0)[0]
+        assert got.shape == (3,) and torch.allclose(got, want, atol=1e-5)
+        assert (batch["action_mask"].sum(1) > 0).all() and (batch["thought_mask"].sum(1) > 0).all()
+    teach = nd["answers_batch"](processor, [(4, 0)], "-")
+    before = nd["action_logp"](model, teach).item()
+    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+    (-nd["action_logp"](model, teach).sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert nd["action_logp"](model, teach).item() > before
+    for argv, message in ((["/no/such/folder"], "model folder not found"),
+                          ([HERE, "--state", "3", "3"], "two different")):
+        r = subprocess.run([sys.executable, NUDGE, *argv], capture_output=True, text=True, cwd=HERE)
+        assert r.returncode == 1 and r.stderr.startswith("nudge.py: error:") and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_reading_probe_blackjack_states():
     """tools/reading.py --policy's states: every two-card hand (hard 5-20, soft A2-A9) against every
     up-card, as the env deals them, with the expert's choice (hit 12 against a 2 or a 7, stand 13

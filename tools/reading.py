@@ -12,11 +12,12 @@ writing the commonest true value would score, the accuracy of a model that ignor
 reads the CoT fields only, so it needs a model trained with CoT. In the formula games it also checks
 the formula the thoughts plan: does it use each card once and make the target? With --play it plays
 those start states to the end and says where an episode is lost: a plan that stops solving the cards,
-or an action that is not the plan's next unit. In Blackjack, --policy asks about every two-card hand
-(hard totals 5 to 20, soft ones A2 to A9) against every dealer card, 8 times each, and prints how often
-it hits, marking each choice that differs from the expert's (exact dynamic programming). In NumberLine,
---policy asks about each start state 8 times: do the thoughts relate the numbers right ("... is
-larger"), does the action follow them, and at which states does it not.
+or an action that is not the plan's next unit; in NumberLine, how many moves go the wrong way, and in
+which states. In Blackjack, --policy asks about every two-card hand (hard totals 5 to 20, soft ones A2
+to A9) against every dealer card, 8 times each, and prints how often it hits, marking each choice that
+differs from the expert's (exact dynamic programming). In NumberLine, --policy asks about each start
+state 8 times: do the thoughts relate the numbers right ("... is larger"), does the action follow them,
+and at which states does it not.
 """
 import argparse
 import collections
@@ -112,6 +113,17 @@ def relation_following(answers, infos):
     return right / n, follows / n, +wrong
 
 
+def wrong_moves(steps):
+    """NumberLine, steps played: [(info, answer, action name played)]. -> (Counter of (current, target) ->
+    steps there whose move was wrong, Counter of (current, target) -> steps there)."""
+    wrong, seen = collections.Counter(), collections.Counter()
+    for info, _, played in steps:
+        state = (info["current"], info["target"])
+        seen[state] += 1
+        wrong[state] += played != ("+" if info["target"] > info["current"] else "-")
+    return +wrong, seen
+
+
 def blackjack_states():
     """Two-card hands against each dealer up-card rank: [(hand, rank, obs, info, the expert's action
     name)]. hand: "5".."20" hard (a 2 and a card up to 11, then a 10 and a card), "A2".."A9" soft.
@@ -149,8 +161,8 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=16, help="states per generate call")
     p.add_argument("--policy", action="store_true", help="Blackjack: how often it hits each two-card hand against "
                    "each dealer card, against the expert; NumberLine: do its actions follow its thoughts")
-    p.add_argument("--play", action="store_true", help="formula games: play the start states to the end and "
-                   "check each step's action against the thoughts' plan")
+    p.add_argument("--play", action="store_true", help="play the start states to the end; formula games: check "
+                   "each step's action against the thoughts' plan; NumberLine: where the wrong moves are")
     args = p.parse_args()
     if args.states < 1 or args.batch < 1:
         p.error("--states and --batch must be positive")
@@ -165,9 +177,10 @@ if __name__ == "__main__":
     task = meta["task"]
     if not meta.get("cot", True):
         sys.exit("reading.py: error: this model answers without thoughts (--no-cot): it writes no state fields")
-    if args.play and task not in ("ezpoints", "points24") or args.policy and task not in ("blackjack", "numberline"):
+    if args.play and task == "blackjack" or args.policy and task not in ("blackjack", "numberline"):
         sys.exit(f"reading.py: error: --{'play' if args.play else 'policy'} is for "
-                 f"{'the formula games' if args.play else 'Blackjack and NumberLine'}; this model plays {task}")
+                 f"{'the formula games and NumberLine' if args.play else 'Blackjack and NumberLine'}; "
+                 f"this model plays {task}")
     run_args = rl4vlm.parse_args(["--task", task, "--load", args.model])
     gen_config = rl4vlm.generation_config(model, processor, run_args)
     model.eval()
@@ -206,8 +219,13 @@ if __name__ == "__main__":
                 returns += pool.step(actions)[4]
         success = sum(r > 0 for r in returns) / len(returns)
         print(f"  played to the end: {len(steps)} steps, success {100 * success:.1f}%")
-        for name, share in plan_following(task, steps).items():
-            print(f"  {name}: {100 * share:.1f}%")
+        if task == "numberline":
+            wrong, seen = wrong_moves(steps)
+            print(f"  wrong moves: {sum(wrong.values())} of {len(steps)} steps; where, of the steps there: "
+                  + (", ".join(f"{s}: {w} of {seen[s]}" for s, w in wrong.most_common(5)) or "none"))
+        else:
+            for name, share in plan_following(task, steps).items():
+                print(f"  {name}: {100 * share:.1f}%")
     if args.policy and task == "numberline":
         k = 8
         infos, asks, images, texts = pool.infos * k, prompts * k, list(pool.obs) * k, []
