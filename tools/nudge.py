@@ -34,7 +34,7 @@ def action_logp(model, batch, temperature=0.2):
     """(B,) the log-probability of each answer's action part, from the action key on."""
     import rl4vlm
     logp = rl4vlm.answer_logp(rl4vlm.token_logprobs(model, batch, temperature)[0], batch)
-    return (logp * batch["action_mask"]).sum(1)
+    return rl4vlm.lambda_log_pi(logp, batch["thought_mask"], batch["action_mask"], thought_coef=0.0)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,11 @@ def plan_following(task, steps):
             "of those, the action is its next unit": followed / max(valid, 1)}
 
 
+def right_move(info):
+    """NumberLine: the move that brings current closer to target."""
+    return "+" if info["target"] > info["current"] else "-"
+
+
 def relation_following(answers, infos):
     """NumberLine: answers and the envs' infos. -> (share whose thoughts relate the two numbers right,
     share whose action follows the relation they write, Counter of (current, target) -> answers whose
@@ -108,7 +113,7 @@ def relation_following(answers, infos):
         a = rl4vlm.parse_action(text, names)
         move = None if a is None else names[a]
         follows += bool(said) and move == {"larger": "+", "smaller": "-"}[said.group(1)]
-        wrong[(current, target)] += move != ("+" if target > current else "-")
+        wrong[(current, target)] += move != right_move(info)
     n = max(len(infos), 1)
     return right / n, follows / n, +wrong
 
@@ -120,7 +125,7 @@ def wrong_moves(steps):
     for info, _, played in steps:
         state = (info["current"], info["target"])
         seen[state] += 1
-        wrong[state] += played != ("+" if info["target"] > info["current"] else "-")
+        wrong[state] += played != right_move(info)
     return +wrong, seen
 
 
