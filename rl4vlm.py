@@ -54,11 +54,11 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # expert's actions, chance an episode starts over after a step, steps of linear learning-rate warm-up).
 # Blackjack leaves every decision to RL; a formula game needs about four right picks in a row, which
 # random demos never show. NumberLine's demos take the expert's move one time in four: with coin flips
-# only, the move never learns to follow the thoughts' relation word, and RL left a few rare states
-# (current 4, target 0) wrong in a fifth to a half of their steps, each mended only at its mirror's cost
-# (0, 4); the SFT start then rises from about 26% to 76-87% (docs/results.md). The formula games start over often because the formula so far (in
-# the prompt, as the official) names the cards already played: only start states make SFT read the image
-# (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss
+# only, the move never learned to follow the thoughts' relation word, and RL left a few rare states
+# (current 4, target 0) wrong in a fifth to a half of their steps, a step that mended one moving others;
+# the SFT start then rises from about 26% to 76-87% (docs/results.md). The formula games start over
+# often because the formula so far (in the prompt, as the official) names the cards already played:
+# only start states make SFT read the image (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss
 # 0.003 against 0.0007). Points24 takes 2,500 steps of 64 demos with a 200-step warm-up: without it, one
 # seed in three never read its four cards even after 3,000 steps (Adam's first full-rate steps from random
 # weights); 2,500, not 3,000, to fit about 30 minutes alone on two cores (29-34 min: docs/results.md).
