@@ -58,8 +58,8 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # (current 4, target 0) wrong in a fifth to a half of their steps, a step that mended one moving others;
 # the SFT start then rises from about 26% to 76-87% (docs/results.md). The formula games start over
 # often because the formula so far (in the prompt, as the official) names the cards already played:
-# only start states make SFT read the image (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss
-# 0.003 against 0.0007). Points24 takes 2,500 steps of 64 demos with a 200-step warm-up: without it, one
+# only start states make SFT read the image (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed
+# in three still misread a card (SFT loss 0.003 against 0.0007). Points24 takes 2,500 steps of 64 demos with a 200-step warm-up: without it, one
 # seed in three never read its four cards even after 3,000 steps (Adam's first full-rate steps from random
 # weights); 2,500, not 3,000, to fit about 30 minutes alone on two cores (29-34 min: docs/results.md).
 # NumberLine takes 64 demos a step: at 32, three seeds in eight ended short of reading both numbers, one
