@@ -52,21 +52,22 @@ import weakref
 TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS holds the gym ids
 # The SFT warm start of each task: (the tiny model's SFT steps, demonstrations per step, share of the
 # expert's actions, chance an episode starts over after a step, steps of linear learning-rate warm-up).
-# Blackjack leaves every decision to RL; a formula game needs about four right picks in a row, which
-# random demos never show. NumberLine's demos take the expert's move one time in four: with coin flips
-# only, the move never learned to follow the thoughts' relation word, and RL left a few rare states
-# (current 4, target 0) wrong in a fifth to a half of their steps, a step that mended one moving others;
-# the SFT start then rises from about 26% to 76-87% (docs/results.md). The formula games start over
-# often because the formula so far (in the prompt, as the official) names the cards already played:
-# only start states make SFT read the image (see sft()). EZPoints takes 2,000 steps: at 1,300 one seed
-# in three still misread a card (SFT loss 0.003 against 0.0007). Points24 takes 2,500 steps of 64 demos with a 200-step warm-up: without it, one
-# seed in three never read its four cards even after 3,000 steps (Adam's first full-rate steps from random
-# weights); 2,500, not 3,000, to fit about 30 minutes alone on two cores (29-34 min: docs/results.md).
+# A formula game needs about four right picks in a row, which random demos never show. NumberLine's and
+# Blackjack's demos take the expert's move one time in four: with coin flips only, the action never
+# learned to follow the thoughts, and RL left NumberLine's rare states (current 4, target 0) wrong in a
+# fifth to a half of their steps, a step that mended one moving others, and each Blackjack run on its
+# own policy, 50-94 of 312 two-card states against the expert's choice (36-38 with a quarter;
+# docs/results.md). The formula games start over often because the formula so far (in the prompt, as
+# the official) names the cards already played: only start states make SFT read the image (see sft()).
+# EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss 0.003 against
+# 0.0007). Points24 takes 2,500 steps of 64 demos with a 200-step warm-up: without it, one seed in three
+# never read its four cards even after 3,000 steps (Adam's first full-rate steps from random weights);
+# 2,500, not 3,000, to fit about 30 minutes alone on two cores (29-34 min: docs/results.md).
 # NumberLine takes 64 demos a step: at 32, three seeds in eight ended short of reading both numbers, one
 # even after 3,000 steps (docs/results.md).
 SFT_DEMOS = {"numberline": (1300, 64, 0.25, 0.0, 0), "ezpoints": (2000, 32, 1.0, 0.5, 0),
              "points24": (2500, 64, 1.0, 0.5, 200),
-             "blackjack": (1300, 32, 0.0, 0.0, 0)}  # at 800 steps one seed in three never read the dealer's card
+             "blackjack": (1300, 32, 0.25, 0.0, 0)}  # at 800 steps one seed in three never read the dealer's card
 # Defaults that depend on the model: (the tiny model on a CPU, a real checkpoint). A real one's fit a 7B
 # model with --lora on one 80 GB GPU; its lr and answer length are the official code's.
 SCALE_DEFAULTS = {"num_envs": (8, 4), "max_new_tokens": (96, 256), "lr": (1e-4, 1e-5), "micro_batch_size": (32, 4),
@@ -170,11 +171,11 @@ def make_parser():
                    "the README's Blackjack runs take 2, against a collapse onto standing on every hand")
     g.add_argument("--kl-decay", action=argparse.BooleanOptionalAction, default=False, help="let the KL weight "
                    "fall linearly from --kl-coef to 0 over the run: the term holds the early, noisy updates near "
-                   "pi_SFT, and late ones stop pulling learned choices back toward its coin flip (tried on "
+                   "pi_SFT, and late ones stop pulling learned choices back toward its choice (tried on "
                    "Blackjack, not adopted: docs/results.md)")
     g.add_argument("--kl-action", action=argparse.BooleanOptionalAction, default=True, help="keep the action "
                    "tokens in the KL term; --no-kl-action holds only the fields and thoughts to pi_SFT, so the action "
-                   "may grow sharper than the SFT policy's coin flip (tried on Blackjack, not adopted: docs/results.md)")
+                   "may grow sharper than the SFT policy's (tried on Blackjack, not adopted: docs/results.md)")
     g.add_argument("--thought-coef", type=unit_float, default=0.5, help="lambda, the thoughts' weight (paper: 0.5)")
 
     g = p.add_argument_group("evaluation and output")
@@ -293,7 +294,7 @@ def cot_fields(task, info):
 
 def thoughts_text(task, info):
     """The demos' thoughts: what the image shows and how its numbers relate. In NumberLine and Blackjack
-    never what to do next: SFT teaches reading and relating, and the decision is left to RL (NumberLine's
+    never what to do next: SFT teaches reading and relating, and most of the deciding is left to RL (their
     demos play the expert's move one time in four, SFT_DEMOS), which is what the paper's CoT ablation
     measures. A formula game's thoughts write a whole plan, the expert's."""
     if task == "numberline":

@@ -826,8 +826,7 @@ def test_sft_demo_defaults_per_task(tmp_path):
         assert (args.sft_steps, args.sft_batch_size, args.sft_expert_prob, args.sft_restart_prob,
                 args.sft_warmup) == demos
     assert R.SFT_DEMOS["ezpoints"][2:4] == R.SFT_DEMOS["points24"][2:4] == (1.0, 0.5)
-    assert R.SFT_DEMOS["blackjack"][2:4] == (0.0, 0.0)  # every decision left to RL
-    assert R.SFT_DEMOS["numberline"][2:4] == (0.25, 0.0)  # the expert's move one demo in four
+    assert R.SFT_DEMOS["blackjack"][2:4] == R.SFT_DEMOS["numberline"][2:4] == (0.25, 0.0)  # the expert's move one demo in four
     assert R.parse_args(["--task", "numberline", "--sft-batch-size", "8"]).sft_batch_size == 8
     assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
     args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
