@@ -56,7 +56,7 @@ TASK_NAMES = ["numberline", "ezpoints", "points24", "blackjack"]  # envs.TASKS h
 # Blackjack's demos take the expert's move one time in four: with coin flips only, the action never
 # learned to follow the thoughts, and RL left NumberLine's rare states (current 4, target 0) wrong in a
 # fifth to a half of their steps, a step that mended one moving others, and each Blackjack run on its
-# own policy, 50-94 of 312 two-card states against the expert's choice (36-38 with a quarter;
+# own policy, 38-94 of 312 two-card states against the expert's choice (16-48 with a quarter;
 # docs/results.md). The formula games start over often because the formula so far (in the prompt, as
 # the official) names the cards already played: only start states make SFT read the image (see sft()).
 # EZPoints takes 2,000 steps: at 1,300 one seed in three still misread a card (SFT loss 0.003 against

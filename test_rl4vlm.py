@@ -588,6 +588,23 @@ def test_reading_probe_blackjack_states():
     assert expert[("A6", "9")] == "hit" and expert[("A7", "2")] == "stand"
 
 
+def test_reading_policy_table_win_rate_is_exact():
+    """tools/reading.py --policy's win rate of a table: the expert's choices give the expert's exact 42.95%
+    (a hand of three cards chooses as its total's two-card row), standing everywhere the stand-only rate,
+    and a half-and-half table lies between; a sampled table is the mix, not its majority."""
+    rd = runpy.run_path(READING)
+    b = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "baselines.py"))
+    keys = [(h, r, a) for h, r, _, _, a in rd["blackjack_states"]()]
+    expert = rd["table_win_rate"]({(h, r): float(a == "hit") for h, r, a in keys})
+    assert abs(expert - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12 and 0.429 < expert < 0.4316
+    stand = rd["table_win_rate"]({(h, r): 0.0 for h, r, _ in keys})
+    assert abs(stand - b["exact_win_rate"](lambda hard, ace, up: False)) < 1e-12
+    half = rd["table_win_rate"]({(h, r): 0.5 for h, r, _ in keys})
+    assert stand < expert and half < expert and half != stand
+    mixed = rd["table_win_rate"]({(h, r): 0.75 if a == "hit" else 0.25 for h, r, a in keys})
+    assert half < mixed < expert
+
+
 # The official gym_cards rules (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs/*.py), restated as
 # plain functions. They are fed the deals and draws of our envs (the official ones use other random
 # streams), and test_rules_match_the_official_gym_cards checks that every step scores the same.

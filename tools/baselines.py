@@ -41,13 +41,14 @@ def expert_except(n, soft):
 
 def exact_win_rate(hits):
     """Exact win rate on the infinite deck, summed over every deal, of a policy hits(hard, ace, up) -> True
-    to hit."""
+    to hit, or the probability of hitting (a sampled policy)."""
     @functools.lru_cache(maxsize=None)
     def win(hard, ace, up):  # probability of winning from a player's hand, dealer up-card value `up`
-        if not hits(hard, ace, up):  # stand: win when the dealer ends lower or busts (final total 0)
-            total = envs._best(hard, ace)
-            return sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
-        return sum(p * win(hard + v, ace or v == 1, up) for v, p in envs.DRAW if hard + v <= 21)
+        h = float(hits(hard, ace, up))
+        total = envs._best(hard, ace)  # stand: win when the dealer ends lower or busts (final total 0)
+        stand = 0.0 if h == 1 else sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
+        hit = 0.0 if h == 0 else sum(p * win(hard + v, ace or v == 1, up) for v, p in envs.DRAW if hard + v <= 21)
+        return h * hit + (1 - h) * stand
     return sum(pu * pa * pb * win(a + b, 1 in (a, b), up)
                for up, pu in envs.DRAW for a, pa in envs.DRAW for b, pb in envs.DRAW)
 

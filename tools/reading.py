@@ -143,6 +143,26 @@ def blackjack_states():
     return out
 
 
+def table_win_rate(hit_share):
+    """Exact win rate (infinite deck) of the policy a --policy table describes. hit_share: {(hand, rank):
+    share of answers that hit} over blackjack_states()' hands. A hand of three or more cards plays its
+    total's row (hard 4 the row of 5, soft 12 the row of A2), a 21 stands; the 10, J, Q and K columns are
+    averaged, since they are one dealer value."""
+    import envs
+    from tools.baselines import exact_win_rate
+    share = collections.defaultdict(list)
+    for (hand, rank), h in hit_share.items():
+        share[hand, envs.VALUE[rank]].append(h)
+
+    def hits(hard, ace, up):
+        total = envs._best(hard, ace)
+        if total >= 21:
+            return 0.0
+        hand = f"A{max(total - 11, 2)}" if total != hard else str(max(hard, 5))
+        return sum(share[hand, up]) / len(share[hand, up])
+    return exact_win_rate(hits)
+
+
 def constant_guess(task, infos):
     """The same measures for a reader that always writes the commonest true value (element-wise for lists)."""
     import rl4vlm
@@ -263,3 +283,8 @@ if __name__ == "__main__":
                 cells.append(f"{hits[c]:g}{'*' if wrong else ' '}".rjust(4))
             print(f"  {states[row][0]:>3}" + "".join(cells))
         print(f"  the majority choice differs from the expert's in {differ} of {len(states)} states")
+        share = {(hand, rank): hits[c] / k for c, (hand, rank, _, _, _) in enumerate(states)}
+        majority = {key: (h > 0.5) + (h == 0.5) / 2 for key, h in share.items()}
+        print(f"  exact win rate of this table's policy (infinite deck; 3+ cards play their total's row): "
+              f"sampled {100 * table_win_rate(share):.2f}%, its majority {100 * table_win_rate(majority):.2f}%, "
+              f"the expert 42.95%")
