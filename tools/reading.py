@@ -15,9 +15,10 @@ those start states to the end and says where an episode is lost: a plan that sto
 or an action that is not the plan's next unit; in NumberLine, how many moves go the wrong way, and in
 which states. In Blackjack, --policy asks about every two-card hand (hard totals 5 to 20, soft ones A2
 to A9) against every dealer card, 8 times each, and prints how often it hits, marking each choice that
-differs from the expert's (exact dynamic programming). In NumberLine, --policy asks about each start
-state 8 times: do the thoughts relate the numbers right ("... is larger"), does the action follow them,
-and at which states does it not.
+differs from the expert's (exact dynamic programming), and the exact win rate of the policy that table
+describes (sampled as the model samples, and its majority choice): a probe, no evaluation hand played.
+In NumberLine, --policy asks about each start state 8 times: do the thoughts relate the numbers right
+("... is larger"), does the action follow them, and at which states does it not.
 """
 import argparse
 import collections
