@@ -143,7 +143,7 @@ def make_parser():
                    "200 for Points24, whose seed 3 never read its cards without it, else 0)")
     g.add_argument("--sft-expert-prob", type=unit_float, default=None,
                    help="share of demonstration actions taken from the expert, the rest uniformly random "
-                   "(default: SFT_DEMOS, 1 for the formula games, 0.25 for NumberLine, 0 for Blackjack)")
+                   "(default: SFT_DEMOS, 1 for the formula games, 0.25 for NumberLine and Blackjack)")
     g.add_argument("--sft-restart-prob", type=unit_float, default=None,
                    help="chance that a demonstration episode starts over after each step, for more start states "
                    "(default: SFT_DEMOS, 0.5 for the formula games, else 0)")
