@@ -303,10 +303,24 @@ def blackjack_expert_hits(hard, ace, up):
 
 
 # ---------------------------------------------------------------- environments
-class _Task(gym.Env):
-    """Shared plumbing: image spaces, action checking, render."""
+class Task(gym.Env):
+    """A task: image observations, named actions, and what it tells the agent, from which rl4vlm.py builds
+    its prompts and its SFT demonstrations (paper Fig. 3):
+      action_names          the legal actions, listed in the prompt
+      instructions          the task in words, the prompt's first line
+      prompt_state(info)    a line of state the prompt gives as text ("" for none: the formula so far)
+      state_fields(info)    the answer's first JSON fields, what the image shows: SFT teaches reading them
+      thoughts(info)        a demonstration's thoughts: what the state means (its chain of thought)
+      expert_action()       the demonstrations' action in the current state
+    with reset() and step() returning an info dict that holds the state. A new task is a subclass and a
+    register() call: docs/your_task.md."""
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
     action_names = []
+    instructions = ""
+
+    @staticmethod
+    def prompt_state(info):
+        return ""
 
     def __init__(self, image_size=224, render_mode=None):
         if render_mode not in (None, "rgb_array"):
@@ -342,7 +356,7 @@ def _ranks(cards, n=None):
     return list(cards)
 
 
-class NumberLineEnv(_Task):
+class NumberLineEnv(Task):
     """Move "Current" onto "Target" on the positions 0..max_position.
 
     Example state: {"target": 3, "current": 1}; the image reads "Target: 3" / "Current: 1".
@@ -353,6 +367,18 @@ class NumberLineEnv(_Task):
     pairs (c, (c + 1) % max_position) are twice as likely as the others.
     """
     action_names = ["-", "+"]
+    instructions = ("You are playing Number Line. The image shows a target number and a current number. "
+                    "Move the current number to the target: \"+\" adds one, \"-\" subtracts one.")
+
+    @staticmethod
+    def state_fields(info):
+        return {"current number": info["current"], "target number": info["target"]}
+
+    @staticmethod
+    def thoughts(info):
+        """How the numbers relate, never what to do: the deciding is left to RL (the paper's CoT ablation)."""
+        side = "larger" if info["target"] > info["current"] else "smaller"
+        return f"The current number is {info['current']} and the target {info['target']} is {side}."
 
     def __init__(self, image_size=224, render_mode=None, max_position=5):
         super().__init__(image_size, render_mode)
@@ -407,7 +433,7 @@ def _numberline_image(target, current, S):
     return np.array(img)
 
 
-class _FormulaGame(_Task):
+class _FormulaGame(Task):
     """Write a formula, one unit (number, operator or parenthesis) per step, then "=".
 
     The official rules, checked in this order at each step:
@@ -426,6 +452,26 @@ class _FormulaGame(_Task):
     def __init__(self, image_size=224, render_mode=None):
         self.action_names = [str(i) for i in range(1, 11)] + list(self.ops) + ["="]
         super().__init__(image_size, render_mode)
+
+    @staticmethod
+    def prompt_state(info):  # as the official prompt: the formula so far names the cards already played
+        return f"The formula so far is '{info['formula']}'."
+
+    @staticmethod
+    def state_fields(info):
+        return {"cards": info["numbers"], "formula": info["formula"]}
+
+    @classmethod
+    def thoughts(cls, info):
+        """The expert's whole plan, with a bar where the formula so far ends: the action is the unit after
+        the bar, a copy, rather than the unit at a count of the formula's units."""
+        so_far = [u for u in info["formula"].split() if u != BLANK]
+        plan = continue_solution(info["numbers"], so_far, cls.target, cls.ops)
+        cards = ", ".join(map(str, info["numbers"]))
+        if plan is None:
+            return f"The cards are {cards}; no formula from here makes {cls.target}."
+        written = " ".join([*plan[:len(so_far)], "|", *plan[len(so_far):]])
+        return f"The cards are {cards}; {written} makes {cls.target}."
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
@@ -493,6 +539,9 @@ class EZPointsEnv(_FormulaGame):
     cards swap places with probability 1/2. So every deal is solvable.
     """
     n_cards, target, max_units, ops = 2, 12, 5, ("+", "*")
+    instructions = ("You are playing EZ Points. The image shows two playing cards; J, Q and K count as 10 "
+                    "and A as 1. Write a formula that uses the number of each card exactly once and equals 12. "
+                    "Each action appends a number or an operator to the formula; \"=\" submits it.")
 
     def _deal(self):
         first = RANKS[1 + self.np_random.integers(12)]
@@ -510,18 +559,20 @@ class Points24Env(_FormulaGame):
     A..K; about 73.1% of deals are solvable.
     """
     n_cards, target, max_units, ops = 4, 24, 20, ("+", "-", "*", "/", "(", ")")
+    instructions = ("You are playing Points 24. The image shows four playing cards; J, Q and K count as 10 "
+                    "and A as 1. Write a formula that uses the number of each card exactly once and equals 24. "
+                    "Each action appends a number, an operator or a bracket to the formula; \"=\" submits it.")
     card_aspect = 1.3  # a 2x2 grid of wide cards keeps the ranks big
     # the cards sit whole eighths of the image apart: a ViT whose patches tile the eighths (the tiny
-    # model's 8x8 at 112 px, LLaVA's 24x24 at 336) cuts every card's rank into patches the same way.
-    # A seventh of a patch off (before), the tiny model learned each column's digits separately and
-    # read 63% of the cards after 5,000 SFT steps; on the grid 92-100% after 2,000 (three seeds)
+    # model's 8x8 at 112 px, LLaVA's 24x24 at 336) cuts every card's rank into patches the same way,
+    # so a rank learned in one place is read in every place (docs/LOG.md)
     card_grid = 8
 
     def _deal(self):
         return [RANKS[i] for i in self.np_random.integers(13, size=4)]
 
 
-class BlackjackEnv(_Task):
+class BlackjackEnv(Task):
     """Gymnasium's Blackjack rules on an infinite deck: "hit" draws a card (over 21 loses, -1);
     "stand" lets the dealer draw to 17 (stands on soft 17); +1 win, 0 draw, -1 loss, no natural
     bonus. The dealer's second card is face down until the episode ends. These are the official
@@ -532,6 +583,24 @@ class BlackjackEnv(_Task):
     Example state: {"player_cards": ["A", "7"], "player_total": 18, "usable_ace": True, "dealer_card": "10"}.
     """
     action_names = ["stand", "hit"]
+    instructions = ("You are playing Blackjack. The image shows the dealer's cards on top (the second one is "
+                    "face down) and your cards below; J, Q and K count as 10, A as 1 or 11. Beat the dealer's "
+                    "total without going over 21: \"hit\" takes another card, \"stand\" ends your turn.")
+
+    @staticmethod
+    def state_fields(info):
+        return {"dealer card": info["dealer_card"], "my cards": info["player_cards"], "my total": info["player_total"]}
+
+    @staticmethod
+    def thoughts(info):
+        """The hand against the next card, never what to do: the deciding is left to RL."""
+        soft = " with a usable ace" if info["usable_ace"] else ""
+        t, card = info["player_total"], info["dealer_card"]
+        value = {"J": 10, "Q": 10, "K": 10, "A": "1 or 11"}.get(card, card)
+        safe = 21 - t
+        bust = ("no card busts me" if info["usable_ace"] or safe >= 10 else
+                "every card busts me" if safe < 1 else f"a card above {safe} busts me")
+        return f"I have {t}{soft} and the dealer shows {card}, worth {value}; {bust}."
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
@@ -593,15 +662,28 @@ class BlackjackEnv(_Task):
 
 
 # ---------------------------------------------------------------- registration
-TASKS = {"numberline": "rl4vlm/NumberLine-v0", "ezpoints": "rl4vlm/EZPoints-v0",
-         "points24": "rl4vlm/Points24-v0", "blackjack": "rl4vlm/Blackjack-v0"}
-for _id, _cls in zip(TASKS.values(), ("NumberLineEnv", "EZPointsEnv", "Points24Env", "BlackjackEnv")):
-    if _id not in gym.registry:  # importing twice must not re-register; the string entry point
-        gym.register(id=_id, entry_point=f"{__name__}:{_cls}")  # finds this module, even reloaded
+TASKS = {}  # task name -> env class: what make() and rl4vlm.py's --task choose from
+
+
+def env_id(task):
+    """The gymnasium id of a task: "numberline" -> "rl4vlm/NumberLine-v0"."""
+    return f"rl4vlm/{TASKS[task].__name__.removesuffix('Env')}-v0"
+
+
+def register(task, env_class):
+    """Make a task known to make(), to rl4vlm.py's --task and to gymnasium (env_id)."""
+    TASKS[task] = env_class
+    if env_id(task) not in gym.registry:  # importing twice must not register twice
+        gym.register(id=env_id(task), entry_point=env_class)
+
+
+for _task, _cls in [("numberline", NumberLineEnv), ("ezpoints", EZPointsEnv), ("points24", Points24Env),
+                    ("blackjack", BlackjackEnv)]:
+    register(_task, _cls)
 
 
 def make(task, **kwargs):
     """make("points24", image_size=112) -> the unwrapped env for a short task name."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    return gym.make(TASKS[task], **kwargs).unwrapped
+    return gym.make(env_id(task), **kwargs).unwrapped

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import runpy
+import shlex
 import subprocess
 import sys
 import warnings
@@ -25,6 +26,7 @@ from gymnasium.utils.env_checker import check_env
 
 import envs
 import rl4vlm as R
+from tools import tiny as tiny_models
 
 
 # --- environments (envs.py)
@@ -66,8 +68,9 @@ def test_registry_and_make():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # gymnasium warns when an id is registered twice
         runpy.run_path(envs.__file__, run_name="envs")  # a second import
-    for task, env_id in envs.TASKS.items():
-        env = envs.make(task)
+    assert envs.env_id("numberline") == "rl4vlm/NumberLine-v0" and envs.TASKS["points24"] is envs.Points24Env
+    for task in envs.TASKS:
+        env, env_id = envs.make(task), envs.env_id(task)
         assert env.unwrapped is env and env.spec.id == env_id
         assert env.action_space == gym.spaces.Discrete(len(env.action_names))
         assert type(gym.make(env_id).unwrapped) is type(env)
@@ -82,7 +85,7 @@ def test_check_env_and_observations(task):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different from the unwrapped version.*")
         check_env(envs.make(task))
-        check_env(gym.make(envs.TASKS[task], render_mode="rgb_array"))
+        check_env(gym.make(envs.env_id(task), render_mode="rgb_array"))
     env = envs.make(task, image_size=84, render_mode="rgb_array")
     obs, _ = env.reset(seed=0)
     assert obs.shape == (84, 84, 3) and obs.dtype == np.uint8 and env.observation_space.contains(obs)
@@ -434,177 +437,6 @@ def test_episode_seeds_never_collide():
             R.episode_seed("sft", *bad)
 
 
-def test_sft_speed_times_sft_and_counts_denormals(tmp_path):
-    """tools/sft_speed.py: denormals are counted exactly; a short SFT prints one line per --every steps
-    with a positive step time, AdamW time and their ratio, switches flushing on at --flush-from, and
-    writes its model where --save-dir says (never over a default run folder)."""
-    tool = os.path.join(HERE, "tools", "sft_speed.py")
-    s = runpy.run_path(tool)
-    tiny = torch.finfo(torch.float32).tiny
-    tensors = [torch.tensor([tiny / 4, 0.0, tiny, -tiny / 2, 1.0]), None, torch.zeros(3, dtype=torch.long)]
-    assert s["denormals"](tensors) == 2  # tiny / 4 and -tiny / 2; tiny itself is the smallest normal
-    r = subprocess.run([sys.executable, tool, "--every", "2", "--flush-from", "2", *SHORT[:6], "--sft-steps", "4",
-                        "--save-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=HERE)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = [x for x in r.stdout.splitlines() if x.startswith("sft_speed step")]
-    timed = [x for x in lines if "s a step" in x]
-    assert [x.split()[2] for x in timed] == ["2", "4"] and "flushed" in lines[1], lines
-    for x in timed:
-        step_s, adam_ms, ratio = (float(x.split(key)[1].split()[0]) for key in ("|", "AdamW", "ratio"))
-        assert step_s > 0 and adam_ms > 0
-        assert abs(ratio - 1000 * step_s / adam_ms) <= 1 + 0.05 * ratio  # the printed values are rounded
-    assert (tmp_path / "run" / "model" / "config.json").exists()
-    bad = subprocess.run([sys.executable, tool, "--every", "0"], capture_output=True, text=True, cwd=HERE)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("sft_speed.py: error:")
-
-
-READING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "reading.py")
-
-
-def test_reading_probe_scores_state_fields():
-    """tools/reading.py's field accuracy: a demonstration's answer reads everything right, a swapped or
-    broken answer does not; the constant guess scores the commonest value's share."""
-    rd = runpy.run_path(READING)
-    env = envs.make("points24")
-    infos = [env.reset(options={"cards": c})[1] for c in (["10", "3", "8", "A"], ["K", "2", "10", "5"])]
-    right = [R.format_response("points24", i, "=") for i in infos]
-    assert rd["field_accuracy"]("points24", right, infos) == {"cards": (1.0, 1.0), "formula": (1.0, None)}
-    swapped = right[0].replace("[10, 3, 8, 1]", "[3, 10, 8, 1]")
-    acc = rd["field_accuracy"]("points24", [swapped, "not json"], infos)
-    assert acc == {"cards": (0.0, 0.25), "formula": (0.5, None)}  # 2 of 8 cards right, one formula
-    guess = rd["constant_guess"]("points24", infos)
-    assert guess["cards"] == (0.5, 3 / 8) and guess["formula"] == (1.0, None)  # 10 is 3 of the 8 cards
-    # the thoughts' formula: the demos' solves its deal; a wrong sum, a card used twice, none, do not
-    unsolvable = env.reset(options={"cards": ["A", "A", "A", "A"]})[1]
-    assert rd["plan_accuracy"]("points24", right + [R.format_response("points24", unsolvable, "=")],
-                               infos + [unsolvable]) == (2 / 3, 2 / 3)
-    plan = right[0].split("; ")[1].split(" makes")[0]
-    assert plan == "| ( 10 - 1 ) * 8 / 3"  # a start state: the bar, then the whole formula
-    wrong = [right[0].replace(plan, "( 10 - 3 ) * 8 / 1"),  # the cards, but 56
-             right[0].replace(plan, "( 10 - 1 ) * 8 / 3 / 1"), "not json"]  # 24, but the ace twice
-    assert rd["plan_accuracy"]("points24", wrong, [infos[0]] * 3) == (0.0, 1.0)
-    assert rd["plan_accuracy"]("blackjack", [], []) is None
-
-
-def test_reading_probe_checks_that_actions_follow_the_plan():
-    """tools/reading.py --play: a step counts as planned when its thoughts' formula solves the cards and
-    starts with the formula so far, and as followed when the unit played is that formula's next one."""
-    rd = runpy.run_path(READING)
-    env = envs.make("points24")
-    info = env.reset(options={"cards": ["10", "3", "8", "A"]})[1]
-    steps = []
-    while True:  # the expert's episode: every step planned and followed, "=" included
-        name = env.action_names[env.expert_action()]
-        steps.append((info, R.format_response("points24", info, name), name))
-        info = env.step(env.action_names.index(name))[4]
-        if name == "=":
-            break
-    n = len(steps)
-    assert n > 4 and rd["plan_following"]("points24", steps) == {
-        "plan solves and continues the formula": 1.0, "of those, the action is its next unit": 1.0}
-    first, later = steps[0], steps[2]
-    off_plan = (first[0], first[1], "+")  # planned, not followed
-    assert later[0]["formula"] == "( 10" and "; ( 10 | - 1 ) * 8 / 3 makes" in later[1]  # the bar: the next unit
-    other_start = (later[0], later[1].replace("( 10 | - 1 ) * 8 / 3", "8 * ( 10 - 1 ) / 3"), "-")  # solves, ignores "( 10"
-    got = rd["plan_following"]("points24", steps + [off_plan, other_start, (first[0], "not json", "=")])
-    assert got == {"plan solves and continues the formula": (n + 1) / (n + 3),
-                   "of those, the action is its next unit": n / (n + 1)}
-
-
-def test_reading_probe_checks_that_numberline_actions_follow_the_thoughts():
-    """tools/reading.py --policy on NumberLine: the demonstrations' thoughts relate the numbers right and
-    a right move follows them; a wrong move, a wrong relation word, or no action count against."""
-    rd = runpy.run_path(READING)
-    env = envs.make("numberline")
-    infos = [env.reset(options={"current": c, "target": t})[1] for c, t in ((5, 1), (0, 3), (2, 4))]
-    right = [R.format_response("numberline", i, m) for i, m in zip(infos, "-++")]
-    assert "is smaller" in right[0] and "is larger" in right[1]
-    assert rd["relation_following"](right, infos) == (1.0, 1.0, collections.Counter())
-    wrong_move = R.format_response("numberline", infos[0], "+")  # says smaller, moves up
-    wrong_word = right[1].replace("is larger", "is smaller")  # moves up, as it should, against its word
-    got = rd["relation_following"]([wrong_move, wrong_word, "not json"], infos)
-    assert got == (1 / 3, 0.0, collections.Counter({(5, 1): 1, (2, 4): 1}))
-
-
-def test_reading_play_counts_numberline_wrong_moves_per_state():
-    """tools/reading.py --play on NumberLine: a move counts as wrong by the state it was played in, whatever
-    the answer says (a random move after an invalid answer included)."""
-    rd = runpy.run_path(READING)
-    env = envs.make("numberline")
-    at = lambda c, t: env.reset(options={"current": c, "target": t})[1]
-    steps = [(at(4, 0), "", "-"), (at(4, 0), "", "+"), (at(4, 0), "not json", "+"), (at(1, 3), "", "+"),
-             (at(3, 1), "", "+")]
-    wrong, seen = rd["wrong_moves"](steps)
-    assert wrong == collections.Counter({(4, 0): 2, (3, 1): 1})
-    assert seen == collections.Counter({(4, 0): 3, (1, 3): 1, (3, 1): 1})
-
-
-NUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "nudge.py")
-
-
-def test_nudge_scores_the_action_part_and_teaches_one_state(tiny):
-    """tools/nudge.py: its action log-prob is score()'s log pi with the thoughts weighted 0, for every state's
-    "+" and "-" answer; one Adam step on a state's right answer raises that answer's log-prob."""
-    nd = runpy.run_path(NUDGE)
-    model, processor = copy.deepcopy(tiny[0]), tiny[1]
-    model.eval()
-    states = [(4, 0), (1, 3), (5, 2)]
-    for move in "+-":
-        batch = nd["answers_batch"](processor, states, move)
-        with torch.no_grad():
-            got = nd["action_logp"](model, batch)
-            want = R.score(model, R.make_value_head(R.text_hidden_size(model)), batch, 0.2, 0.0)[0]
-        assert got.shape == (3,) and torch.allclose(got, want, atol=1e-5)
-        assert (batch["action_mask"].sum(1) > 0).all() and (batch["thought_mask"].sum(1) > 0).all()
-    teach = nd["answers_batch"](processor, [(4, 0)], "-")
-    before = nd["action_logp"](model, teach).item()
-    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3)
-    (-nd["action_logp"](model, teach).sum()).backward()
-    optimizer.step()
-    with torch.no_grad():
-        assert nd["action_logp"](model, teach).item() > before
-    for argv, message in ((["/no/such/folder"], "model folder not found"),
-                          ([HERE, "--state", "3", "3"], "two different")):
-        r = subprocess.run([sys.executable, NUDGE, *argv], capture_output=True, text=True, cwd=HERE)
-        assert r.returncode == 1 and r.stderr.startswith("nudge.py: error:") and message in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
-
-
-def test_reading_probe_blackjack_states():
-    """tools/reading.py --policy's states: every two-card hand (hard 5-20, soft A2-A9) against every
-    up-card, as the env deals them, with the expert's choice (hit 12 against a 2 or a 7, stand 13
-    against a 6, 17 up; hit soft 17 against a 9, stand soft 18 against a 2)."""
-    rd = runpy.run_path(READING)
-    states = rd["blackjack_states"]()
-    assert len(states) == (16 + 8) * 13 and len({(h, r) for h, r, _, _, _ in states}) == len(states)
-    expert = {(h, r): a for h, r, _, _, a in states}
-    for hand, rank, obs, info, _ in states:
-        soft = hand.startswith("A")
-        total = 11 + int(hand[1:]) if soft else int(hand)
-        assert (info["player_total"], info["usable_ace"], info["dealer_card"]) == (total, soft, rank)
-        assert len(info["player_cards"]) == 2 and obs.shape == (224, 224, 3)
-    assert expert[("12", "2")] == expert[("12", "7")] == expert[("16", "K")] == expert[("5", "6")] == "hit"
-    assert expert[("13", "6")] == expert[("17", "A")] == expert[("20", "10")] == "stand"
-    assert expert[("A6", "9")] == "hit" and expert[("A7", "2")] == "stand"
-
-
-def test_reading_policy_table_win_rate_is_exact():
-    """tools/reading.py --policy's win rate of a table: the expert's choices give the expert's exact 42.95%
-    (a hand of three cards chooses as its total's two-card row), standing everywhere the stand-only rate,
-    and a half-and-half table lies between; a sampled table is the mix, not its majority."""
-    rd = runpy.run_path(READING)
-    b = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "baselines.py"))
-    keys = [(h, r, a) for h, r, _, _, a in rd["blackjack_states"]()]
-    expert = rd["table_win_rate"]({(h, r): float(a == "hit") for h, r, a in keys})
-    assert abs(expert - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12 and 0.429 < expert < 0.4316
-    stand = rd["table_win_rate"]({(h, r): 0.0 for h, r, _ in keys})
-    assert abs(stand - b["exact_win_rate"](lambda hard, ace, up: False)) < 1e-12
-    half = rd["table_win_rate"]({(h, r): 0.5 for h, r, _ in keys})
-    assert stand < expert and half < expert and half != stand
-    mixed = rd["table_win_rate"]({(h, r): 0.75 if a == "hit" else 0.25 for h, r, a in keys})
-    assert half < mixed < expert
-
-
 # The official gym_cards rules (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs/*.py), restated as
 # plain functions. They are fed the deals and draws of our envs (the official ones use other random
 # streams), and test_rules_match_the_official_gym_cards checks that every step scores the same.
@@ -812,42 +644,82 @@ def test_declared_differences_from_the_official_rules(task, cards, actions, offi
 # --- rl4vlm.py: arguments, prompts and action parsing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+READING, PROBES = os.path.join(HERE, "tools", "reading.py"), os.path.join(HERE, "dev", "reading.py")
 P24 = envs.make("points24").action_names
 
 
 def test_default_save_dirs_never_share_a_folder():
     """Runs that differ in task, CoT, seed, architecture or --load write to different folders by default,
-    so running another one never overwrites a saved model (a tiny Qwen run once wrote into the LLaVA's)."""
+    each named with its start time, so running another one never overwrites a saved run."""
     argvs = [[], ["--seed", "2"], ["--no-cot"], ["--task", "blackjack"], ["--tiny-arch", "qwen2.5-vl"],
              ["--tiny-arch", "gemma3", "--no-cot"], ["--load", "runs/numberline-s1/model"]]
     dirs = [R.parse_args(a).save_dir for a in argvs]
     assert len(set(dirs)) == len(dirs), dirs
-    assert dirs[0] == os.path.join("runs", "numberline-s1")  # the README's commands read this folder
+    assert re.fullmatch(r"runs/numberline-s1-\d{8}-\d{6}", dirs[0].replace(os.sep, "/")), dirs[0]
 
 
 def test_load_defaults_to_the_saved_task_and_format(tmp_path):
     """--load without --task goes on with the task and CoT setting the model was trained with (it ran
-    NumberLine on a Points24 model); flags given on the command line still win."""
+    NumberLine on a Points24 model); flags given on the command line still win. --load takes a run's
+    folder or its model/."""
     (tmp_path / "rl4vlm.json").write_text(json.dumps({"task": "blackjack", "cot": False}))
     args = R.parse_args(["--load", str(tmp_path)])
     assert (args.task, args.no_cot) == ("blackjack", True)
-    assert args.save_dir == os.path.join("runs", "blackjack-nocot-s1-load")
+    assert args.save_dir.startswith(os.path.join("runs", "blackjack-nocot-s1-load-"))
     assert R.parse_args(["--load", str(tmp_path), "--task", "ezpoints"]).task == "ezpoints"
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "rl4vlm.json").write_text(json.dumps({"task": "ezpoints", "cot": True}))
+    args = R.parse_args(["--load", str(run)])
+    assert args.load == str(run / "model") and args.task == "ezpoints"
     (tmp_path / "rl4vlm.json").write_text("{not json")  # unreadable: the defaults, and loading reports it
     assert (R.parse_args(["--load", str(tmp_path)]).task, R.parse_args([]).no_cot) == ("numberline", False)
 
 
-def test_sft_demo_defaults_per_task(tmp_path):
-    for task, demos in R.SFT_DEMOS.items():
-        args = R.parse_args(["--task", task])
-        assert (args.sft_steps, args.sft_batch_size, args.sft_expert_prob, args.sft_restart_prob,
-                args.sft_warmup) == demos
-    assert R.SFT_DEMOS["ezpoints"][2:4] == R.SFT_DEMOS["points24"][2:4] == (1.0, 0.5)
-    assert R.SFT_DEMOS["blackjack"][2:4] == R.SFT_DEMOS["numberline"][2:4] == (0.25, 0.0)  # the expert's move one demo in four
-    assert R.parse_args(["--task", "numberline", "--sft-batch-size", "8"]).sft_batch_size == 8
-    assert R.parse_args(["--task", "points24", "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
-    args = R.parse_args(["--task", "ezpoints", "--sft-expert-prob", "0", "--sft-restart-prob", "0"])
-    assert (args.sft_expert_prob, args.sft_restart_prob) == (0.0, 0.0)
+# Table 1's recipes (docs/results.md): `python rl4vlm.py --task T` must run exactly these.
+TABLE_1 = {
+    "numberline": dict(sft_steps=1300, sft_batch_size=64, sft_expert_prob=0.25, sft_restart_prob=0.0, sft_warmup=0,
+                       num_updates=100, num_envs=8, num_steps=16, lr=1e-4, kl_coef=1.0, eval_episodes=200,
+                       eval_start_episodes=200, eval_envs=8),
+    "ezpoints": dict(sft_steps=2000, sft_batch_size=32, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=0,
+                     num_updates=20, num_envs=8, num_steps=16, lr=1e-4, kl_coef=1.0, eval_episodes=200,
+                     eval_start_episodes=200, eval_envs=8),
+    "points24": dict(sft_steps=2500, sft_batch_size=64, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=200,
+                     num_updates=20, num_envs=16, num_steps=16, lr=3e-5, kl_coef=1.0, eval_episodes=200,
+                     eval_start_episodes=200, eval_envs=8),
+    "blackjack": dict(sft_steps=1300, sft_batch_size=32, sft_expert_prob=0.25, sft_restart_prob=0.0, sft_warmup=0,
+                      num_updates=200, num_envs=16, num_steps=8, lr=1e-4, kl_coef=2.0, eval_episodes=10000,
+                      eval_start_episodes=2000, eval_envs=96),
+}
+
+
+@pytest.mark.parametrize("task", list(TABLE_1))
+def test_each_task_runs_its_table_1_recipe_by_default(task, tmp_path):
+    args = R.parse_args(["--task", task])
+    assert {k: getattr(args, k) for k in TABLE_1[task]} == TABLE_1[task]
+    assert (args.temperature, args.thought_coef, args.gamma, args.gae_lambda, args.clip_coef) == (0.2, 0.5, 0.9, 0.95,
+                                                                                                   0.1)  # the paper's
+    given = R.parse_args(["--task", task, "--num-updates", "3", "--num-envs", "2", "--sft-expert-prob", "0"])
+    assert (given.num_updates, given.num_envs, given.eval_envs, given.sft_expert_prob) == (
+        3, 2, TABLE_1[task]["eval_envs"] if task in ("points24", "blackjack") else 2, 0.0)  # a flag wins
+    assert R.parse_args(["--task", task, "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
+
+
+def test_help_shows_every_default_and_no_constant_names():
+    """Every flag that takes a value shows its default; those that vary by task list each task's value."""
+    text = R.make_parser().format_help()
+    for action in R.make_parser()._actions:
+        if action.option_strings and action.nargs != 0 and action.dest not in ("help", "model"):
+            if action.dest in ("task", "load", "device", "save_dir", "resume", "no_cot", "tiny_size"):
+                continue  # their help says what happens without them
+            assert "default:" in " ".join(action.help.split()) or action.default is not None, action.dest
+    flat = " ".join(text.split())
+    assert "numberline 100, ezpoints 20, points24 20, blackjack 200" in flat
+    assert "numberline 200, ezpoints 200, points24 200, blackjack 2000" in flat  # --eval-start-episodes
+    assert "(default: 32; a real checkpoint 4)" in flat and "(default: 0.2)" in flat
+    helps = " ".join(a.help for a in R.make_parser()._actions)
+    assert not re.search(r"\b[A-Z]{2,}_[A-Z_]+\b", helps)  # no constant's name
+    assert "--kl-decay" not in text and "--kl-action" not in text
 
 
 def test_sft_learning_rate_warms_up_then_follows_the_cosine():
@@ -867,9 +739,10 @@ def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
     """A real checkpoint (a hub id, or a folder this file did not build from the tiny model) gets the
     defaults that fit a 7B model with --lora on one 80 GB GPU; the tiny model, and what is trained from it
     (through LoRA bases too), keeps the CPU defaults; flags given win."""
-    real = {"micro_batch_size": 4, "num_envs": 4, "max_new_tokens": 256, "lr": 1e-5, "gradient_checkpointing": True}
-    tiny = {"micro_batch_size": 32, "num_envs": 8, "max_new_tokens": 96, "lr": 1e-4, "gradient_checkpointing": False}
-    assert {k: v[1] for k, v in R.SCALE_DEFAULTS.items()} == real and {k: v[0] for k, v in R.SCALE_DEFAULTS.items()} == tiny
+    real = {"micro_batch_size": 4, "num_envs": 4, "max_new_tokens": 256, "lr": 1e-5, "gradient_checkpointing": True,
+            "sft_steps": 0}
+    tiny = {"micro_batch_size": 32, "num_envs": 8, "max_new_tokens": 96, "lr": 1e-4, "gradient_checkpointing": False,
+            "sft_steps": 1300}
 
     def defaults(*argv):
         args = R.parse_args(list(argv))
@@ -883,9 +756,12 @@ def test_a_real_checkpoint_gets_defaults_that_fit_one_gpu(tmp_path):
     assert defaults() == (tiny, True) and defaults("--tiny-arch", "gemma3") == (tiny, True)
     assert defaults("--model", "llava-hf/llava-v1.6-mistral-7b-hf", "--lora") == (real, False)
     assert defaults("--model", str(hub)) == (real, False) and defaults("--load", str(hub)) == (real, False)
-    assert defaults("--model", str(sft), "--lora") == (tiny, True) and defaults("--load", str(lora)) == (tiny, True)
+    assert defaults("--model", str(sft), "--lora") == ({**tiny, "sft_steps": 0}, True)
+    assert defaults("--load", str(lora)) == ({**tiny, "sft_steps": 0}, True)
     args = R.parse_args(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--micro-batch-size", "2", "--no-gradient-checkpointing"])
     assert (args.micro_batch_size, args.gradient_checkpointing, args.num_envs) == (2, False, 4)
+    args = R.parse_args(["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--task", "blackjack"])
+    assert (args.num_envs, args.eval_envs, args.lr, args.num_updates, args.kl_coef) == (4, 4, 1e-5, 200, 2.0)
 
 
 def test_parse_action_well_formed_and_messy():
@@ -951,7 +827,7 @@ def test_prompts_list_actions_and_formats():
     assert '"thoughts"' not in q and '"action"' in q
 
 
-@pytest.mark.parametrize("task", R.TASK_NAMES)
+@pytest.mark.parametrize("task", list(envs.TASKS))
 def test_demo_answers_parse_back(task):
     env = envs.make(task)
     _, info = env.reset(seed=0)
@@ -973,7 +849,7 @@ def test_blackjack_thoughts_relate_the_hand_to_the_next_card_truthfully():
             continue  # a bust hand is never asked about
         for up in ("A", "7", "K"):
             info = {"player_cards": hand, "player_total": total, "usable_ace": soft, "dealer_card": up}
-            text = R.thoughts_text("blackjack", info)
+            text = envs.BlackjackEnv.thoughts(info)
             assert text.startswith(f"I have {total}{' with a usable ace' if soft else ''} and the dealer shows {up}")
             assert f"worth {envs.VALUE[up] if up != 'A' else '1 or 11'};" in text
             assert "hit" not in text and "stand" not in text
@@ -995,7 +871,7 @@ def test_formula_thoughts_plan_a_solution_with_the_next_unit_after_the_bar():
             info, done = env.reset(seed=seed)[1], False
             while not done:
                 a = env.expert_action()
-                text, name = R.thoughts_text(task, info), env.action_names[a]
+                text, name = envs.TASKS[task].thoughts(info), env.action_names[a]
                 assert text.startswith(f"The cards are {', '.join(map(str, info['numbers']))}; ")
                 if text.endswith(f"; no formula from here makes {game.target}."):
                     assert envs.continue_solution(info["numbers"], [], game.target, game.ops) is None
@@ -1014,7 +890,7 @@ def test_formula_thoughts_plan_a_solution_with_the_next_unit_after_the_bar():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    model, processor = R.build_tiny_vlm("mini")
+    model, processor = R.build_tiny("llava", "mini")
     return model, processor
 
 
@@ -1047,7 +923,7 @@ def test_a_checkpoint_loads_in_the_dtype_it_was_stored_in(tiny, tmp_path):
 
 def test_lora_wraps_only_the_language_model(tiny):
     peft = pytest.importorskip("peft")
-    model, _ = R.build_tiny_vlm("mini")
+    model, _ = R.build_tiny("llava", "mini")
     wrapped = R.add_lora(model, rank=4)
     trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
@@ -1259,7 +1135,7 @@ def test_action_values_follow_a_quote_token_of_their_own(tiny):
     """After '"action":' comes a ' "' token shared by all actions, then the value: so the choice of
     action is a choice between value tokens, not between a fused ' "-"}' and any other opening."""
     tok = tiny[1].tokenizer
-    for task in R.TASK_NAMES:
+    for task in envs.TASKS:
         env = envs.make(task)
         _, info = env.reset(seed=0)
         for name in env.action_names:
@@ -1324,7 +1200,7 @@ def test_llava_next_layout_scores_batched_as_one_at_a_time(tiny, tmp_path):
                                                  image_grid_pinpoints=pinpoints)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=R.CHAT_TEMPLATE)
+                                   chat_template=tiny_models.CHAT_TEMPLATE)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                        num_attention_heads=2, image_size=112, patch_size=14),
@@ -1376,10 +1252,12 @@ def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
 @pytest.mark.parametrize("arch, lora", [("llava", False), ("llava", True), ("qwen2.5-vl", False)])
 def test_gradient_checkpointing_changes_no_number(arch, lora, tmp_path):
     """--gradient-checkpointing (a real checkpoint's default) recomputes each layer in the backward pass:
-    log pi, V(s) and every gradient as without it, with LoRA's frozen base too (non-reentrant)."""
+    log pi, V(s) and every gradient as without it, with LoRA's frozen base too (non-reentrant); so too the
+    whole PPO loss with the KL term, for a policy that has moved from its reference (with LoRA: a trained
+    adapter beside the reference adapter, which no gradient reaches)."""
     if lora:
         pytest.importorskip("peft")
-    model, processor = R.build_tiny_vlm("mini") if arch == "llava" else R.build_tiny_family(arch, "mini")
+    model, processor = R.build_tiny(arch, "mini")
     R.save(model, processor, R.make_value_head(R.text_hidden_size(model)), str(tmp_path / "m"), {"base_model": "tiny"})
     flags = ["--model", str(tmp_path / "m"), "--lora-rank", "4", "--save-dir", str(tmp_path / "x")] + (["--lora"] if lora else [])
     samples = _samples(model.eval(), processor, n=3, seed=1, max_new_tokens=8)
@@ -1395,8 +1273,25 @@ def test_gradient_checkpointing_changes_no_number(arch, lora, tmp_path):
             log_pi, value, _ = R.score(m, vh, R.collate(samples, proc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
         (log_pi.sum() + value.sum()).backward()
         grads = {n: p.grad.clone() for n, p in list(m.named_parameters()) + list(vh.named_parameters()) if p.grad is not None}
-        results.append((log_pi.detach(), value.detach(), grads, sum(saved)))
-    (lp0, v0, g0, kept0), (lp1, v1, g1, kept1) = results
+        agent.ref = R.make_reference(m)
+        with torch.no_grad():  # the policy moves away from the reference
+            for n, p in m.named_parameters():
+                p.add_(0.05 * torch.randn_like(p)) if p.requires_grad else None
+        m.zero_grad(set_to_none=True)
+        vh.zero_grad(set_to_none=True)
+        args = R.parse_args(flags + ["--kl-coef", "1"])
+        batch = R.collate(samples, proc.tokenizer.pad_token_id, "cpu")
+        old = (torch.tensor([-3.0, -2.0, -4.0]), torch.zeros(3), torch.tensor([1.0, -0.5, 0.3]), torch.ones(3))
+        loss, parts = R.ppo_loss(agent, batch, old, args)
+        loss.backward()
+        assert parts["ref_kl"] > 0
+        ppo = {n: p.grad.clone() for n, p in list(m.named_parameters()) + list(vh.named_parameters()) if p.grad is not None}
+        assert not [n for n in ppo if ".reference." in n]  # the reference adapter gets no gradient
+        results.append((log_pi.detach(), value.detach(), grads, sum(saved), loss.item(), ppo))
+    (lp0, v0, g0, kept0, loss0, ppo0), (lp1, v1, g1, kept1, loss1, ppo1) = results
+    assert abs(loss0 - loss1) < 1e-5 and ppo0.keys() == ppo1.keys() and len(ppo0) > (10 if lora else 20)
+    for n in ppo0:
+        assert torch.allclose(ppo0[n], ppo1[n], atol=1e-5, rtol=1e-4), n
     assert kept1 < 0.8 * kept0  # the layers' activations are recomputed, not kept
     assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-6)
     assert g0.keys() == g1.keys() and len(g0) > (10 if lora else 20)
@@ -1407,16 +1302,17 @@ def test_gradient_checkpointing_changes_no_number(arch, lora, tmp_path):
 # --- rl4vlm.py: SFT, rollouts, GAE, PPO and evaluation
 
 @pytest.mark.parametrize("restart_prob", [0.0, 1.0])
-def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, restart_prob):
+def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, restart_prob, tmp_path):
     """The formula games' SFT starts episodes over (the formula so far gives away the cards played):
     at --sft-restart-prob 1 every demonstration is a start state, at 0 the expert's episodes go on."""
     seen = []
     demo = R.format_response
     monkeypatch.setattr(R, "format_response", lambda task, info, *a: seen.append(info["formula"]) or demo(task, info, *a))
     args = R.parse_args(["--task", "ezpoints", "--sft-steps", "3", "--sft-batch-size", "4",
-                         "--sft-restart-prob", str(restart_prob)])
+                         "--sft-restart-prob", str(restart_prob), "--save-dir", str(tmp_path)])
     assert args.sft_expert_prob == 1
-    R.sft(_agent(copy.deepcopy(tiny[0]), tiny[1]), args)
+    agent = _agent(copy.deepcopy(tiny[0]), tiny[1], R.make_value_head(R.text_hidden_size(tiny[0])))
+    R.sft(agent, args, R.open_run(args))
     assert len(seen) == 12 and seen[:4] == [""] * 4
     assert (set(seen) == {""}) == (restart_prob == 1)
 
@@ -1439,29 +1335,70 @@ def _rollout(samples, old_log_pi, old_values):
     return R.Rollout(samples, old_log_pi, old_values, *[None] * 5, finished=[], invalid=[])
 
 
-def test_in_16_bits_the_first_ratio_is_one(tiny):
+@pytest.mark.parametrize("steps, envs_, minibatch, micro", [(3, 8, 8, 4), (3, 2, 4, 4), (3, 2, 2, 4)])
+def test_in_16_bits_the_first_ratio_is_one(tiny, steps, envs_, minibatch, micro, monkeypatch):
     """In bf16 generate's cached decode rounds differently from a forward over prompt + answer, and so do
     forwards of other shapes: old log pi read off generate gave the tiny model (in bf16, trained logits'
-    size) log ratios up to 0.4 before any update and a quarter of them clipped. The rollout now scores
-    its answers with the update's forward, at one shape: with lr 0 every ratio of every epoch is 1."""
+    size) log ratios up to 0.4 before any update and a quarter of them clipped. The rollout scores its
+    answers with the update's forward at one shape, rows included (on a GPU another row count may be
+    another kernel): T x N = 6 in micro-batches of 4 (a partial one), a minibatch under the micro-batch.
+    With lr 0 every ratio of every epoch is 1."""
     model = _trained_logits(tiny[0]).to(torch.bfloat16).eval()
     processor = tiny[1]
     vh = R.make_value_head(R.text_hidden_size(model))
-    args = R.parse_args(["--task", "ezpoints", "--num-steps", "3", "--num-envs", "8", "--max-new-tokens", "16",
-                         "--minibatch-size", "8", "--micro-batch-size", "4", "--update-epochs", "2", "--target-kl", "1e9"])
-    pool = R.EnvPool("ezpoints", range(8))
+    args = R.parse_args(["--task", "ezpoints", "--num-steps", str(steps), "--num-envs", str(envs_), "--max-new-tokens",
+                         "16", "--minibatch-size", str(minibatch), "--micro-batch-size", str(micro), "--update-epochs",
+                         "2", "--target-kl", "1e9"])
+    pool = R.EnvPool("ezpoints", range(envs_))
     for i, env in enumerate(pool.envs):  # formulas of different lengths: prompts of different lengths
         for _ in range(i % 3):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
+    shapes, token_logprobs = [], R.token_logprobs
+    monkeypatch.setattr(R, "token_logprobs", lambda m, batch, t: shapes.append(tuple(batch["input_ids"].shape) + (
+        batch["thought_mask"].shape[1],)) or token_logprobs(m, batch, t))
     torch.manual_seed(0)
     rollout = R.collect_rollout(_agent(model, processor, vh), pool, R.generation_config(model, processor, args), args,
                                 random.Random(0), R.make_timer()[0])
     assert rollout.shape is not None and len({len(s["prompt_ids"]) for s in rollout.samples}) > 1
+    scored = shapes[-math.ceil(steps * envs_ / micro):]  # the rescore's forwards
     opt = torch.optim.Adam(list(model.parameters()) + list(vh.parameters()), lr=0.0)
     g = torch.Generator().manual_seed(0)
-    stats = R.ppo_update(_agent(model, processor, vh), opt, rollout, torch.randn(3, 8, generator=g),
-                         torch.randn(3, 8, generator=g), args, random.Random(0))
+    shapes.clear()
+    stats = R.ppo_update(_agent(model, processor, vh), opt, rollout, torch.randn(steps, envs_, generator=g),
+                         torch.randn(steps, envs_, generator=g), args, random.Random(0))
     assert stats["approx_kl"] == 0.0 and stats["clip_frac"] == 0.0
+    assert len(set(scored + shapes)) == 1 and scored[0][0] == micro, (scored, shapes)  # every forward one shape
+
+
+def test_full_fine_tuning_in_16_bits_moves_the_weights_as_fp32_does(tmp_path):
+    """--dtype bfloat16 without --lora computes in bf16 over fp32 weights that Adam steps (gradients in fp32
+    too). A step at lr 1e-5 is under half of bf16's spacing for most weights: bf16 weights would round most
+    of it away. 3 updates at lr 1e-5 change about as many weights in 16 bits as in 32."""
+    changed = {}
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        args = R.parse_args(["--task", "numberline", "--dtype", dtype, "--lr", "1e-5", "--num-steps", "2",
+                             "--num-envs", "4", "--max-new-tokens", "12", "--minibatch-size", "8",
+                             "--micro-batch-size", "4", "--save-dir", str(tmp_path / dtype)])
+        agent = R.build_agent(args, torch.device("cpu"))
+        assert {p.dtype for p in agent.model.parameters()} == {torch.float32}
+        assert R.computes_in(agent.model) == getattr(torch, dtype)
+        agent.ref = R.make_reference(agent.model)
+        assert R.computes_in(agent.ref) == next(agent.ref.parameters()).dtype == getattr(torch, dtype)
+        optimizer, rng = R.rl_optimizer(agent, args), random.Random(0)
+        before = {n: p.detach().clone() for n, p in agent.model.named_parameters() if p.requires_grad}
+        pool = R.EnvPool("numberline", [R.episode_seed("rollout", i) for i in range(4)])
+        for _ in range(3):
+            rollout = R.collect_rollout(agent, pool, R.generation_config(agent.model, agent.processor, args), args,
+                                        rng, R.make_timer()[0])
+            assert (rollout.shape is None) == (dtype == "float32")  # 16 bits: rescored at one shape
+            adv, ret = R.compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
+                                     rollout.final_values, rollout.last_values, 0.9, 0.95)
+            R.ppo_update(agent, optimizer, rollout, adv, ret, args, rng)
+        params = dict(agent.model.named_parameters())
+        moved = sum(int((params[n] != p).sum()) for n, p in before.items())
+        changed[dtype] = moved / sum(p.numel() for p in before.values())
+    assert changed["float32"] > 0.3 and changed["bfloat16"] > 0.8 * changed["float32"], changed
 
 
 def _naive_gae(rewards, values, terminated, truncated, final_values, last_values, gamma, lam):
@@ -1584,54 +1521,6 @@ def test_kl_term_pulls_the_policy_toward_the_reference(tiny):
         p.data.copy_(b)
 
 
-def test_no_kl_action_leaves_the_action_tokens_out_of_the_kl_term(tiny):
-    """--no-kl-action: the KL term averages over the fields' and thoughts' tokens only. A reference that
-    differs from the policy only from the action key on adds nothing to it; by default it does."""
-    model, processor = tiny
-    model.eval()
-    tok = processor.tokenizer
-    vh = R.make_value_head(R.text_hidden_size(model))
-    pool = R.EnvPool("blackjack", range(3))
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    answers = [" " + R.format_response("blackjack", info, name) for info, name in zip(pool.infos, ["hit", "stand", "hit"])]
-    samples = [R.make_sample(inputs, i, torch.tensor(tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id]),
-                             tok) for i, a in enumerate(answers)]
-    batch = R.collate(samples, tok.pad_token_id, "cpu")
-    thoughts, action = batch["thought_mask"], batch["action_mask"]
-    assert (thoughts.sum(1) > 5).all() and (action.sum(1) >= 3).all()  # both parts present in every answer
-    with torch.no_grad():
-        ref_lp = R.token_logprobs(model, batch, 0.2)[0].clone()  # the policy's own: KL 0 everywhere
-        ref_lp[action.bool()] = torch.log_softmax(torch.randn_like(ref_lp[action.bool()]), -1)
-        full = R.score(model, vh, batch, 0.2, 0.5, ref_lp)[2]
-        spared = R.score(model, vh, batch, 0.2, 0.5, ref_lp, thoughts)[2]
-    assert (full > 1e-2).all() and spared.abs().max().item() < 1e-5
-    # through ppo_loss, as the flag sets it: a perturbed reference, each flag's mean over its own tokens
-    ref = _perturbed_copy(model)
-    with torch.no_grad():
-        old_lp, old_v, _ = R.score(model, vh, batch, 0.2, 0.5)
-        old = (old_lp, old_v, torch.zeros(3), old_v)
-        for flags, mask in ((["--no-kl-action"], thoughts), ([], thoughts + action)):
-            loss, parts = R.ppo_loss(_agent(model, processor, vh, ref), batch, old, R.parse_args(flags))
-            expected = R.score(model, vh, batch, 0.2, 0.5, R.reference_logprobs(model, ref, batch, 0.2), mask)[2]
-            assert parts["ref_kl"] == pytest.approx(expected.mean().item(), rel=1e-4)
-            # the weight this update (--kl-decay's): 0 leaves the term out, the default weighs it --kl-coef (1)
-            unweighted, _ = R.ppo_loss(_agent(model, processor, vh, ref), batch, old, R.parse_args(flags), kl_coef=0.0)
-            assert (loss - unweighted).item() == pytest.approx(parts["ref_kl"], rel=1e-3)
-    assert R.parse_args([]).kl_action and not R.parse_args(["--no-kl-action"]).kl_action
-
-
-def test_kl_decay_lets_the_kl_weight_fall_linearly_to_zero(tmp_path, monkeypatch):
-    """--kl-decay: update u of U weighs the KL term --kl-coef * (1 - (u - 1) / U); without it, --kl-coef."""
-    weights, update = [], R.ppo_update
-    monkeypatch.setattr(R, "ppo_update", lambda *a: (weights.append(a[-1]), update(*a))[1])
-    for flags, expected in ((["--kl-decay"], [2.0, 1.5, 1.0, 0.5]), ([], [2.0] * 4)):
-        weights.clear()
-        args = R.parse_args(_tiny_cli(tmp_path / "run", "--sft-steps", "1", "--num-updates", "4", "--kl-coef", "2",
-                                      "--eval-episodes", "0", *flags))
-        assert R.main(args) == 0
-        assert weights == pytest.approx(expected)
-
-
 def test_the_kl_reference_is_scored_a_micro_batch_at_a_time(tiny, monkeypatch):
     """The SFT policy's log-probs over the vocabulary, (B, R, V), exist for one micro-batch at a time: an
     update's memory does not grow with rollout size x vocabulary (it kept the whole rollout's: 80-160 GB
@@ -1657,7 +1546,7 @@ def test_lora_kl_reference_is_the_policy_as_rl_starts(tiny, tmp_path):
     its adapters off (the model before SFT): KL 0 at the first minibatch, and RL does not move it."""
     pytest.importorskip("peft")
     torch.manual_seed(0)
-    model, processor = R.build_tiny_vlm("mini")
+    model, processor = R.build_tiny("llava", "mini")
     model = R.add_lora(model, rank=4)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -1777,10 +1666,26 @@ def test_eval_envs_batches_the_same_episodes(tiny, monkeypatch):
     assert pools[0] == pools[1] == [R.episode_seed("evaluation", j) for j in range(5)]
 
 
+def test_reading_probe_scores_state_fields():
+    """The reading probe (rl4vlm.field_shares, tools/reading.py): a demonstration's answer reads everything
+    right, a swapped or broken answer does not; the constant guess scores the commonest value's share."""
+    rd = runpy.run_path(READING)
+    env = envs.make("points24")
+    infos = [env.reset(options={"cards": c})[1] for c in (["10", "3", "8", "A"], ["K", "2", "10", "5"])]
+    right = [R.format_response("points24", i, "=") for i in infos]
+    assert R.field_shares("points24", right, infos) == {"cards": 1.0, "formula": 1.0}
+    assert rd["element_shares"]("points24", right, infos) == {"cards": 1.0}
+    swapped = right[0].replace("[10, 3, 8, 1]", "[3, 10, 8, 1]")
+    assert R.field_shares("points24", [swapped, "not json"], infos) == {"cards": 0.0, "formula": 0.5}
+    assert rd["element_shares"]("points24", [swapped, "not json"], infos) == {"cards": 0.25}  # 2 of 8 cards right
+    guess = rd["constant_guess"]("points24", infos)
+    assert guess["cards"] == (0.5, 3 / 8) and guess["formula"] == (1.0, None)  # 10 is 3 of the 8 cards
+
+
 # --- rl4vlm.py: the command line
 
 def _run(*argv, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # no model hub, at once
     return subprocess.run([sys.executable, os.path.join(HERE, "rl4vlm.py"), *argv], capture_output=True,
                           text=True, timeout=timeout, cwd=HERE, env=env)
 
@@ -1808,26 +1713,29 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     assert results["start"]["episodes"] == 1 and results["final"]["episodes"] == 2  # before RL, after RL
     printed = r.stdout + r.stderr
     assert "success on 2 evaluation episodes: SFT start" in printed and "(on 1) -> after RL" in printed
-    # evaluate the saved model again, with no training
-    r2 = _run("--load", str(out / "model"), "--num-updates", "0", "--eval-episodes", "2",  # the task is the model's
+    assert results["finished"] and set(results["reading"]) == {"cards", "formula"}  # the probe after SFT
+    assert "SFT reads" in printed and "of the probe states" in printed and "to go" in printed
+    assert (out / "sft.csv").read_text().splitlines()[0] == "step,loss,lr"  # SFT's loss, a row per logged step
+    # evaluate the saved model again, with no training: --load takes the run's folder (or its model/)
+    r2 = _run("--load", str(out), "--num-updates", "0", "--eval-episodes", "2",  # the task is the model's
               "--num-envs", "2", "--max-new-tokens", "16", "--save-dir", str(tmp_path / "again"))
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert "task ezpoints, CoT" in r2.stdout + r2.stderr and "note:" not in r2.stdout + r2.stderr
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["start"]["episodes"] == 2 and "final" not in again  # evaluated once
     assert not (tmp_path / "again" / "model").exists()  # nothing trained, nothing saved
-    # tools/reading.py reads the saved model's state fields
-    def reading(*flags):
-        return subprocess.run([sys.executable, READING, str(out / "model"), *flags], capture_output=True, text=True,
+    # tools/reading.py reads the saved model's state fields; dev/reading.py plays its probe states
+    def reading(tool, *flags):
+        return subprocess.run([sys.executable, tool, str(out), *flags], capture_output=True, text=True,
                               timeout=300, cwd=HERE)
-    r3 = reading("--states", "3")
+    r3 = reading(READING, "--states", "3")
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert "3 start states" in r3.stdout and "cards: exact" in r3.stdout and "formula: exact" in r3.stdout
-    assert "thoughts' formula solves the cards" in r3.stdout
-    r4 = reading("--states", "2", "--play")
+    r4 = reading(PROBES, "--states", "2", "--play")
     assert r4.returncode == 0, r4.stderr[-2000:]
     assert "played to the end" in r4.stdout and "the action is its next unit" in r4.stdout
-    r5 = reading("--policy")
+    assert "thoughts' formula solves the cards" in r4.stdout
+    r5 = reading(PROBES, "--policy")
     assert r5.returncode == 1 and r5.stderr.strip() == ("reading.py: error: --policy is for Blackjack and "
                                                         "NumberLine; this model plays ezpoints")
 
@@ -1842,9 +1750,18 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     (["--lora"], "--lora needs a base model saved on disk"),  # the random tiny base could not be reloaded
     (["--seed", "-1"], "must be zero or more"),
     (["--tiny-arch", "llama4"], "invalid choice: 'llama4'"),
+    (["--gamma", "5"], "must be between 0 and 1"),
+    (["--gae-lambda", "-0.1"], "must be between 0 and 1"),
+    (["--vf-coef", "-1"], "must be zero or more"),
+    (["--device", "cuda:7", *SHORT], "--device cuda:7: this machine has"),
+    (["--device", "tpu9", *SHORT], "--device tpu9: not a device"),
+    (["--model", "some-org/some-vlm"], "cannot be reached"),  # a hub id, no network: at once, not after retries
 ])
 def test_cli_bad_input_is_one_clear_line(argv, message, tmp_path):
+    import time
+    t0 = time.time()
     r = _run(*argv, "--save-dir", str(tmp_path / "x"), timeout=120)
+    assert time.time() - t0 < 60, "a bad flag must be reported at once"
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -1907,28 +1824,180 @@ def test_cli_same_seed_repeats_exactly(tmp_path):
     assert runs[0] == runs[1] and len(runs[0]) == 3
 
 
-def test_cli_ctrl_c_saves_and_exits_cleanly(tmp_path):
+def _rows(path, *columns):
+    """A metrics CSV's columns, as text, row by row."""
+    header, *rows = path.read_text().splitlines()
+    index = [header.split(",").index(c) for c in columns]
+    return [tuple(row.split(",")[i] for i in index) for row in rows]
+
+
+def _stop_after(cmd, csv, rows, sig, timeout=600):
+    """Run cmd; once csv holds `rows` rows, send it sig; -> (return code, stdout + stderr)."""
     import signal
     import time
-    out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), *_tiny_cli(out, "--num-updates", "1000")]
     # A shell's background job starts with SIGINT ignored, and Python then keeps ignoring it: restore it.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 600
-    # Interrupt only once the first update is logged: Ctrl-C during start-up (imports, building the
-    # model) is Python's ordinary KeyboardInterrupt, not what this test checks.
-    while not ((out / "metrics.csv").exists() and len((out / "metrics.csv").read_text().splitlines()) >= 2):
+    deadline = time.time() + timeout
+    while not (csv.exists() and len(csv.read_text().splitlines()) > rows):
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail("the run ended or logged no update in 600 s: " + proc.communicate()[1][-2000:])
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "interrupted" in stdout + stderr
-    _, _, _, meta = R.load_checkpoint(str(out / "model"), "cpu")
-    assert meta["task"] == "numberline" and meta["env_steps"] >= 4
+            pytest.fail("the run ended or logged too little: " + proc.communicate()[1][-2000:])
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, stdout + stderr
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_at_a_step_end_and_resume_goes_on_as_a_straight_run(signame, tmp_path):
+    """Ctrl-C and SIGTERM (timeout, SLURM, Kubernetes) alike: the run ends its update, saves a resumable
+    checkpoint and says where, in results.json too. --resume goes on with the run's own flags: its
+    metrics.csv logs updates 1-6 with the env steps, learning rates and every other number of a straight
+    run (the optimiser's moments, the RNGs, the environments and the KL reference are all restored)."""
+    import signal
+    flags = ["--num-updates", "6", "--seed", "3", "--save-every", "0"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _run(*_tiny_cli(straight, *flags)).returncode == 0
+    cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), *_tiny_cli(stopped, *flags)]
+    rc, printed = _stop_after(cmd, stopped / "metrics.csv", 2, getattr(signal, signame))
+    assert rc == 128 + getattr(signal, signame) and "Traceback" not in printed, printed[-2000:]
+    results = json.loads((stopped / "results.json").read_text())
+    step = results["interrupted"]["step"]
+    assert 2 <= step < 6 and results["interrupted"]["phase"] == "rl" and not results["finished"]
+    assert f"--resume {stopped}" in printed and signame in printed
+    assert len(_rows(stopped / "metrics.csv", "update")) == step
+    r = _run("--resume", str(stopped))
+    assert r.returncode == 0, r.stderr[-2000:]
+    numbers = [c for c in R.METRICS if not c.startswith("t_") and c != "sps"]
+    assert _rows(stopped / "metrics.csv", *numbers) == _rows(straight / "metrics.csv", *numbers)
+    assert [row[0] for row in _rows(stopped / "metrics.csv", "update")] == [str(u) for u in range(1, 7)]
+    assert json.loads((stopped / "results.json").read_text())["finished"]
+    from safetensors.torch import load_file
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = _run("--resume", str(stopped))
+    assert again.returncode != 0 and "has finished" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_stopped_in_sft_resumes_sft(tmp_path):
+    """SIGTERM during SFT: the checkpoint is marked as SFT's, --load of it says so, and --resume finishes
+    SFT from the step it stopped at, then RL: the same SFT losses and updates as a straight run."""
+    import signal
+    flags = ["--sft-steps", "120", "--num-updates", "1", "--seed", "5"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert _run(*_tiny_cli(straight, *flags)).returncode == 0
+    cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), *_tiny_cli(stopped, *flags)]
+    rc, printed = _stop_after(cmd, stopped / "sft.csv", 1, signal.SIGTERM)  # step 1 logged
+    assert rc == 143, printed[-2000:]
+    meta = R.saved_run(str(stopped / "model"))
+    assert meta["phase"] == "sft" and 1 <= meta["step"] < 120 and not (stopped / "metrics.csv").exists()
+    r = _run("--load", str(stopped), "--num-updates", "0", "--eval-episodes", "1", "--save-dir", str(tmp_path / "x"))
+    assert f"stopped in SFT, at step {meta['step']}" in r.stdout + r.stderr
+    assert _run("--resume", str(stopped)).returncode == 0
+    for name, columns in (("sft.csv", ["step", "loss", "lr"]), ("metrics.csv", ["update", "env_steps", "policy_loss"])):
+        assert _rows(stopped / name, *columns) == _rows(straight / name, *columns), name
+
+
+def test_resume_restores_the_state_saved(tiny, tmp_path):
+    """A checkpoint holds what the loop needs: after restore() the policy, the value head, Adam's moments,
+    the lr, the KL reference (LoRA too: its reference adapter), the RNGs and the environments are as saved."""
+    for lora in (False, True):
+        args = R.parse_args(_tiny_cli(tmp_path / f"run{lora}", "--num-updates", "4", "--save-every", "2",
+                                      "--lr", "1e-3", "--task", "blackjack"))
+        model, base = copy.deepcopy(tiny[0]), str(tmp_path / "base")
+        if lora:  # an adapter's checkpoint loads onto its base model, saved on disk
+            pytest.importorskip("peft")
+            R.save(model, tiny[1], R.make_value_head(R.text_hidden_size(model)), base, {"task": "blackjack", "tiny": True})
+            model = R.add_lora(model, 4)
+        agent = _agent(model, tiny[1], R.make_value_head(R.text_hidden_size(model)))
+        agent.base_model = base if lora else "tiny"
+        agent.ref = R.make_reference(agent.model)
+        with torch.no_grad():  # a policy that has moved away from its reference
+            for p in agent.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn_like(p))
+        optimizer = R.rl_optimizer(agent, args)
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-4
+        run, rng = R.open_run(args), random.Random(4)
+        pool = R.EnvPool("blackjack", [R.episode_seed("rollout", i, 1) for i in range(2)])
+        rollout = R.collect_rollout(agent, pool, R.generation_config(agent.model, agent.processor, args), args, rng,
+                                    R.make_timer()[0])
+        adv, ret = R.compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
+                                 rollout.final_values, rollout.last_values, 0.9, 0.95)
+        R.ppo_update(agent, optimizer, rollout, adv, ret, args, rng)
+        run.env_steps = 4
+        R.checkpoint(agent, args, run, "rl", 2, optimizer, rng, pool)  # --save-every 2
+        saved = {"params": {n: p.detach().clone() for n, p in agent.model.named_parameters()},
+                 "ref": R.reference_state(agent), "opt": copy.deepcopy(optimizer.state_dict()),
+                 "rng": rng.random(), "torch": torch.rand(3), "deal": pool.envs[0].np_random.random()}
+        resumed = R.parse_args(["--resume", str(tmp_path / f"run{lora}")])
+        assert vars(resumed) == {**vars(args), "resume": str(tmp_path / f"run{lora}")}
+        again = R.build_agent(resumed, torch.device("cpu"))
+        run2, rng2 = R.open_run(resumed), random.Random(0)
+        optimizer2 = R.rl_optimizer(again, resumed)
+        again.ref = R.make_reference(again.model)
+        step, pool2 = R.restore(again, run2, "rl", optimizer2, rng2, None)
+        assert (step, run2.env_steps) == (2, 4)
+        params = dict(again.model.named_parameters())
+        assert all(torch.equal(p, params[n]) for n, p in saved["params"].items())
+        assert all(torch.equal(v, R.reference_state(again)[k]) for k, v in saved["ref"].items())
+        if lora:
+            import peft
+            policy = peft.get_peft_model_state_dict(again.model, adapter_name="default")
+        else:
+            policy = again.model.state_dict()
+        assert not all(torch.equal(v, policy[k]) for k, v in saved["ref"].items())  # the reference is not the policy
+        moments = optimizer2.state_dict()
+        assert moments["param_groups"][0]["lr"] == 3e-4
+        assert all(torch.equal(moments["state"][i]["exp_avg_sq"], s["exp_avg_sq"]) for i, s in saved["opt"]["state"].items())
+        assert (rng2.random(), pool2.envs[0].np_random.random()) == (saved["rng"], saved["deal"])
+        assert torch.equal(torch.rand(3), saved["torch"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "X", "--lr", "1"], "--resume goes on with the run's own flags; drop --lr"),
+    (["--resume", "/no/such/run"], "no checkpoint to resume"),
+    (["--save-dir", "FILE"], "is a file, not a folder"),
+    (["--save-dir", "RUN"], "holds a run (metrics.csv): --resume"),
+])
+def test_run_folders_never_mix(argv, message, tmp_path):
+    """A run into a folder that holds a run is refused in one line naming --resume and --overwrite, which
+    replaces it; a file is no folder; --resume takes no new flags but --device, --save-every, --track."""
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "RUN").mkdir()
+    (tmp_path / "RUN" / "metrics.csv").write_text("update\n1\n")
+    (tmp_path / "X" / "model").mkdir(parents=True)
+    (tmp_path / "X" / "model" / "rl4vlm.json").write_text(json.dumps({"args": vars(R.parse_args([]))}))
+    argv = [str(tmp_path / a) if a in ("X", "FILE", "RUN") else a for a in argv]
+    r = _run(*argv, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    if "holds a run" in message:
+        assert "--overwrite replaces it" in lines[0]
+        r = _run(*_tiny_cli(tmp_path / "RUN", "--overwrite"))
+        assert r.returncode == 0 and len((tmp_path / "RUN" / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_track_writes_tensorboard_events(tmp_path):
+    """--track: every metric of every update, the SFT loss, the evaluations, the reading probe and the
+    flags go to TensorBoard event files in the run's folder, read back offline."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    r = _run(*_tiny_cli(tmp_path / "run", "--num-updates", "2", "--eval-episodes", "1", "--track"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {f"rl/{m}" for m in R.METRICS[2:]} <= set(scalars)
+    assert {"sft/loss", "eval/success", "reading/current number"} <= set(scalars)
+    assert [e.step for e in events.Scalars("rl/lr")] == [4, 8]  # env steps
+    rows = _rows(tmp_path / "run" / "metrics.csv", "lr")
+    assert [round(e.value, 9) for e in events.Scalars("rl/lr")] == [float(v) for (v,) in rows]
+    assert "flags" in " ".join(events.Tags()["tensors"])
 
 
 # --- rl4vlm.py: many processes (torchrun, gloo, one thread each)
@@ -1946,7 +2015,7 @@ def keep(name, agent):  # each process writes down its trainable weights (the va
 
 
 sft, ppo_update = R.sft, R.ppo_update
-R.sft = lambda agent, args: (sft(agent, args), keep("sft", agent))
+R.sft = lambda agent, args, run: (sft(agent, args, run), keep("sft", agent))
 R.ppo_update = lambda agent, *a: (ppo_update(agent, *a), keep("ppo", agent))[0]
 sys.exit(R.cli(R.parse_args(sys.argv[3:])))
 """
@@ -2062,37 +2131,52 @@ def test_two_processes_apply_the_gradient_of_one_process_on_all_samples(tmp_path
     assert stopped == "a loss is not finite in another process"
 
 
-def test_ctrl_c_in_one_process_ends_them_all(tmp_path):
-    """SIGINT to process 1 alone: it stops; process 0, whose next collective finds it gone (or which
-    torchrun then stops with SIGTERM), saves and exits; nothing waits for a timeout."""
+@pytest.mark.parametrize("who", ["SIGINT to process 1", "SIGTERM to torchrun"])
+def test_a_signal_stops_every_process_at_one_update_with_a_checkpoint(who, tmp_path):
+    """Ctrl-C in one process, or SIGTERM to torchrun (what SLURM and Kubernetes send): every process ends
+    the same update, process 0 saves one resumable checkpoint, nothing waits for a timeout; --resume under
+    torchrun goes on from it."""
     import signal
     import time
     script, out = tmp_path / "run.py", tmp_path / "out"
     script.write_text(DDP_RUN)
     out.mkdir()
-    proc = _torchrun(script, str(out), *_tiny_cli(out / "run", "--num-updates", "1000"))
+    proc = _torchrun(script, str(out), *_tiny_cli(out / "run", "--num-updates", "8"))
     deadline = time.time() + 600
     while not ((out / "run" / "metrics.csv").exists() and len((out / "run" / "metrics.csv").read_text().splitlines()) >= 2):
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
             pytest.fail("no update logged: " + proc.communicate()[1][-2000:])
-        time.sleep(0.5)
-    ranks = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline").read()
-            environ = open(f"/proc/{pid}/environ").read().split("\0")
-        except OSError:
-            continue
-        if str(script) in cmdline and "torch.distributed.run" not in cmdline:
-            ranks[next(e for e in environ if e.startswith("RANK="))] = int(pid)
-    os.kill(ranks["RANK=1"], signal.SIGINT)
+        time.sleep(0.1)
+    if who.startswith("SIGTERM"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        ranks = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline").read()
+                environ = open(f"/proc/{pid}/environ").read().split("\0")
+            except OSError:
+                continue
+            if str(script) in cmdline and "torch.distributed.run" not in cmdline:
+                ranks[next(e for e in environ if e.startswith("RANK="))] = int(pid)
+        os.kill(ranks["RANK=1"], signal.SIGINT)
     t0 = time.time()
     stdout, stderr = proc.communicate(timeout=120)
     assert time.time() - t0 < 60 and proc.returncode != 0
-    assert (stdout + stderr).count("interrupted: saving and exiting") == 1
-    _, _, _, meta = R.load_checkpoint(str(out / "run" / "model"), "cpu")
-    assert meta["env_steps"] >= 8 and (out / "run" / "results.json").exists()
+    # torchrun reports a worker's non-zero exit (and its own SIGTERM) with a traceback of its own code
+    assert 'rl4vlm.py", line' not in stdout + stderr and f'{script}", line' not in stdout + stderr, stderr[-3000:]
+    assert (stdout + stderr).count("--resume") == 1, stderr[-3000:]
+    results = json.loads((out / "run" / "results.json").read_text())
+    step = results["interrupted"]["step"]
+    state = torch.load(out / "run" / "model" / "state.pt", weights_only=False)
+    assert (state["world"], state["step"], len(state["ranks"])) == (2, step, 2) and 1 <= step < 8
+    assert len((out / "run" / "metrics.csv").read_text().splitlines()) == step + 1
+    resumed = _torchrun(script, str(out), "--resume", str(out / "run"))
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert f"update {step + 1}/8" in stdout + stderr and "update 8/8" in stdout + stderr  # from the checkpoint
+    assert len((out / "run" / "metrics.csv").read_text().splitlines()) == 9
 
 
 # --- rl4vlm.py: saving and loading
@@ -2180,7 +2264,7 @@ ARCHS = list(R.TINY_ARCHS)  # llava, llava-next, qwen2-vl, qwen2.5-vl, qwen3-vl,
 def family_model(request):
     torch.manual_seed(0)
     arch = request.param
-    model, processor = R.build_tiny_vlm("mini") if arch == "llava" else R.build_tiny_family(arch, "mini")
+    model, processor = R.build_tiny(arch, "mini")
     assert model.config.model_type == R.TINY_ARCHS[arch]
     return model.eval(), processor
 
@@ -2305,7 +2389,8 @@ def _qwen_checkpoint_folder(path):
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id)
-    config = AutoConfig.for_model("qwen2_5_vl", **R.TINY_RECIPES["qwen2_5_vl"]["config"](32, 1, text, tok))
+    from tools.tiny import TINY_RECIPES
+    config = AutoConfig.for_model("qwen2_5_vl", **TINY_RECIPES["qwen2_5_vl"]["config"](32, 1, text, tok))
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config).save_pretrained(path)
     return tok
@@ -2375,3 +2460,323 @@ def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
         assert R.end_tokens(model, processor.tokenizer) == ends
         assert model.generation_config.repetition_penalty is None  # Qwen's 1.05 is not sampled with
         assert (tmp_path / f"run-{name}" / "model" / "adapter_config.json").exists()
+
+
+# --- tools/walkthrough.py: the method on one example, step by step
+
+WALKTHROUGH = os.path.join(HERE, "tools", "walkthrough.py")
+
+
+def _walkthrough(monkeypatch, capsys, *argv):
+    """Run tools/walkthrough.py in this process, as `python tools/walkthrough.py ARGV` would -> its globals and
+    what it printed."""
+    monkeypatch.setattr(sys, "argv", [WALKTHROUGH, *argv])
+    stdout = sys.stdout
+    try:
+        ns = runpy.run_path(WALKTHROUGH, run_name="__main__")
+    finally:
+        sys.stdout = stdout  # --markdown stands in for it while the cells run
+    return ns, capsys.readouterr().out
+
+
+def _numbers(line):
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]\d+)?", line)]
+
+
+def test_walkthrough_prints_what_rl4vlm_computes_and_writes_its_page(tmp_path, monkeypatch, capsys):
+    """tools/walkthrough.py --fast runs every cell, and what it prints is what rl4vlm.py's functions return on
+    its tensors: the image tokens, the masks, log pi at each lambda, V(s) at the last prompt token, GAE, and
+    one PPO step (ratios 1 before it; after it the clipped fraction and the clipped policy loss). Its page
+    holds every section, the printed output and the pictures, and no hidden cell; every command under
+    "things to try" parses. A second run reuses the model, and without matplotlib says so in one line."""
+    page, run_dir = tmp_path / "page" / "walkthrough.md", str(tmp_path / "run")
+    ns, out = _walkthrough(monkeypatch, capsys, "--fast", "--run-dir", run_dir, "--markdown", str(page))
+    lines = out.splitlines()
+    tok, args = ns["tok"], ns["args"]
+
+    # 1. the prompt: 64 image tokens (8 x 8 patches), one run right after "USER: "
+    ids = ns["inputs"]["input_ids"][0]
+    assert (ids == ns["model"].config.image_token_id).sum() == 64
+    assert f"{len(ids)} prompt tokens, 64 of them the image token '<image>'" in out and "at positions 1..64" in out
+    assert "\n[1..64] '<image>' x 64\n" in out
+    # 2. the answers with no action or two: None, and a random legal action, both about half the time
+    assert "'{\"action\": \"+\"} {\"action\": \"-\"}') -> None" in out
+    played = next(x for x in lines if x.startswith("choose_actions on 1000"))
+    assert "invalid 1000 times" in played and all(400 < n < 600 for n in map(int, re.findall(r"' (\d+)", played)))
+    # 3. the masks: disjoint; the demonstration's action tokens read '"action": "-"}'; no action: all thoughts
+    thought_mask, action_mask, answers = ns["thought_mask"], ns["action_mask"], ns["answers"]
+    assert not (thought_mask * action_mask).any()
+    start = R.action_start(tok, answers[1])
+    assert action_mask[1].nonzero()[0, 0] == start
+    assert tok.decode(answers[1][start:], skip_special_tokens=True).strip() == '"action": "-"}'  # the wrong way
+    assert action_mask[2].sum() == 0 and thought_mask[2].sum() == len(answers[2])
+    # 4. log pi at lambda 0.5 as printed is lambda_log_pi's, and the hand sum of the masked log-probs
+    logp = ns["logp"]
+    line = next(x for x in lines if x.startswith("log pi of the sampled answer at lambda 0.5: "))
+    printed = _numbers(line.split(": ")[1])[0]
+    want = R.lambda_log_pi(logp, thought_mask, action_mask, 0.5)[0].item()
+    hand = 0.5 * (logp[0] * thought_mask[0]).sum().item() + (logp[0] * action_mask[0]).sum().item()
+    assert printed == pytest.approx(want, rel=1e-6, abs=1e-7) and printed == pytest.approx(hand, rel=1e-5, abs=1e-6)
+    for row in lines[lines.index(next(x for x in lines if x.startswith("answer "))) + 1:][:3]:
+        _, thoughts, _, action, lam0, lam05, lam1 = _numbers(row)  # token counts and sums, log pi at 0, 0.5, 1
+        assert lam0 == pytest.approx(action, rel=1e-3) and lam1 == pytest.approx(thoughts + action, rel=1e-3, abs=1e-6)
+        assert lam05 == pytest.approx(0.5 * thoughts + action, rel=1e-3, abs=1e-6)
+    # 5. V(s) is read at the last prompt column, the same for the three answers and in generate's own forward
+    P = ns["P"]
+    assert f"V reads column P - 1 = {P - 1}, the token {tok.decode(ids[-1:])!r}" in out
+    values = _numbers(next(x for x in lines if x.startswith("V(s) of the three rows")))
+    assert len(values) == 4 and max(values) - min(values) < 1e-4
+    # 6. GAE with the paper's gamma and lambda; the table's return is advantage + V; the last step by hand
+    assert (args.gamma, args.gae_lambda) == (0.9, 0.95)
+    rollout, advantages, e = ns["rollout"], ns["advantages"], ns["e"]
+    assert rollout.rewards.shape == advantages.shape == (ns["T"], ns["N"]) == (3, 2)
+    table = lines[lines.index(next(x for x in lines if x.startswith(" t  current"))) + 1:][:ns["T"]]
+    for t, row in enumerate(table):
+        v, a, ret = _numbers(row)[-3:]
+        assert a == pytest.approx(advantages[t, e].item(), abs=1e-4) and ret == pytest.approx(a + v, abs=2e-4)
+    by_hand = next((x for x in lines if x.startswith("by hand")), None)
+    if by_hand:
+        assert _numbers(by_hand)[-1] == pytest.approx(advantages[-1, e].item(), abs=1e-4)
+    # 7. PPO: ratios 1 before the step, one Adam step, then the clipped fraction and loss as printed
+    ratio_before, ratio_after = ns["ratio_before"], ns["ratio_after"]
+    assert (ratio_before - 1).abs().max() < 1e-4
+    assert all(abs(x - 1) < 1e-4 for x in _numbers(next(x for x in lines if x.startswith("ratios before"))))
+    assert "KL term 1.0 * 0.0000 | clipped fraction 0.00" in out  # pi is still pi_SFT
+    assert {s["step"].item() for s in ns["optimizer"].state.values()} == {1}
+    assert (ratio_after - 1).abs().max() > 1e-4  # the step moved the policy
+    after = next(x for x in lines if x.startswith("after one step"))
+    clipped = ((ratio_after - 1).abs() > args.clip_coef).float().mean().item()
+    assert f"clipped fraction {clipped:.2f}" in after
+    line = next(x for x in lines if x.startswith("policy loss = mean of max(-A * r, -A * clip(r))"))
+    assert float(line.split(" = ")[-1].split(";")[0]) == pytest.approx(ns["after"]["policy_loss"], abs=1e-4)
+    assert f"policy {ns['after']['policy_loss']:.4f}" in next(x for x in lines if x.startswith("loss terms now"))
+    rows = lines[lines.index(line) + 2:][:min(10, len(ratio_after))]  # the ratios furthest from 1, first
+    adv, low, high = ns["adv"], 1 - args.clip_coef, 1 + args.clip_coef
+    furthest = (ratio_after - 1).abs().argsort(descending=True)[:len(rows)].tolist()
+    assert [int(row.split()[0]) for row in rows] == furthest
+    for i, row in zip(furthest, rows):
+        a, r = adv[i].item(), ratio_after[i].item()
+        assert _numbers(row)[1:3] == pytest.approx([a, r], abs=1e-3)
+        assert row.endswith("none: clipped") == ((a > 0 and r > high) or (a < 0 and r < low))
+
+    # the page: every section with its output and pictures, no hidden cell; "things to try" parses
+    text = page.read_text()
+    for title in ["## 0.", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## Things to try"]:
+        assert title in text
+    assert text.count("```") % 2 == 0 and "class Page" not in text and "def draw_tokens" not in text
+    for x in (by_hand or after, after, "choose_actions on 1000 copies"):
+        assert x in text
+    for name in ("numberline.png", "tokens.png"):
+        assert f"![](walkthrough/{name})" in text
+        assert (page.parent / "walkthrough" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    commands = [x.split("#")[0] for x in text.splitlines() if x.startswith("python rl4vlm.py")]
+    assert len(commands) == 7 and any("--no-cot" in x for x in commands) and any("--lora" in x for x in commands)
+    for command in commands:
+        R.parse_args(shlex.split(command)[2:])  # a flag that no longer exists exits here
+
+    # again, without matplotlib: the trained model is reused, and the token picture skipped in one line
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    page2 = tmp_path / "page2" / "walkthrough.md"
+    ns2, out2 = _walkthrough(monkeypatch, capsys, "--fast", "--run-dir", run_dir, "--markdown", str(page2))
+    assert "reusing the model in" in out2 and "rl4vlm.py --task numberline" in out2 and "Traceback" not in out2
+    assert out2.count("matplotlib is not installed") == 1
+    assert (page2.parent / "walkthrough" / "numberline.png").exists()
+    assert not (page2.parent / "walkthrough" / "tokens.png").exists()
+    assert "](walkthrough/tokens.png)" not in page2.read_text()
+    assert torch.equal(ns2["ratio_before"], ns["ratio_before"])  # the same model and seeds: the same numbers
+
+
+# --- docs/your_task.md: a task of your own, as the page writes it
+
+def test_the_your_task_page_registers_a_task_that_trains(tmp_path):
+    """The page's code, run as written: it registers Colour Match, whose prompt and demonstrations come
+    from the class alone; SFT and one PPO update run on it, and its own reading probe reads its field."""
+    page = open(os.path.join(HERE, "docs", "your_task.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) == 2 and "envs.register" in blocks[0]
+    import types
+    module = sys.modules["colourmatch"] = types.ModuleType("colourmatch")  # as `import colourmatch` makes it
+    try:
+        exec(blocks[0], module.__dict__)
+        env = envs.make("colourmatch")
+        check_env(gym.make(envs.env_id("colourmatch")))
+        obs, info = env.reset(seed=3)
+        assert env.reset(seed=3)[1] == info and env.step(env.expert_action())[1] == 1.0
+        prompt = R.build_prompt("colourmatch", env.action_names, info)
+        assert prompt.startswith("You are playing Colour Match") and '"colour": ...' in prompt
+        assert R.parse_action(R.format_response("colourmatch", info, info["colour"]), env.action_names) == \
+            env.action_names.index(info["colour"])
+        R.TASK_RECIPES["colourmatch"] = dict(sft_steps=3, num_updates=1)
+        args = R.parse_args(["--task", "colourmatch", *SHORT[2:], "--sft-steps", "3", "--save-dir", str(tmp_path)])
+        assert R.main(args) == 0
+        results = json.loads((tmp_path / "results.json").read_text())
+        assert list(results["reading"]) == ["colour"] and len((tmp_path / "metrics.csv").read_text().splitlines()) == 2
+    finally:  # the other tests' tiny tokenizers are trained on the paper's four tasks alone
+        sys.modules.pop("colourmatch")
+        envs.TASKS.pop("colourmatch", None)
+        R.TASK_RECIPES.pop("colourmatch", None)
+
+
+# --- dev/: research probes (not the method; their tests keep them working)
+
+def test_sft_speed_times_sft_and_counts_denormals(tmp_path):
+    """dev/sft_speed.py: denormals are counted exactly; a short SFT prints one line per --every steps
+    with a positive step time, AdamW time and their ratio, switches flushing on at --flush-from, and
+    writes its model where --save-dir says (never over a default run folder)."""
+    tool = os.path.join(HERE, "dev", "sft_speed.py")
+    s = runpy.run_path(tool)
+    tiny = torch.finfo(torch.float32).tiny
+    tensors = [torch.tensor([tiny / 4, 0.0, tiny, -tiny / 2, 1.0]), None, torch.zeros(3, dtype=torch.long)]
+    assert s["denormals"](tensors) == 2  # tiny / 4 and -tiny / 2; tiny itself is the smallest normal
+    r = subprocess.run([sys.executable, tool, "--every", "2", "--flush-from", "2", *SHORT[:6], "--sft-steps", "4",
+                        "--save-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("sft_speed step")]
+    timed = [x for x in lines if "s a step" in x]
+    assert [x.split()[2] for x in timed] == ["2", "4"] and "flushed" in lines[1], lines
+    for x in timed:
+        step_s, adam_ms, ratio = (float(x.split(key)[1].split()[0]) for key in ("|", "AdamW", "ratio"))
+        assert step_s > 0 and adam_ms > 0
+        assert abs(ratio - 1000 * step_s / adam_ms) <= 1 + 0.05 * ratio  # the printed values are rounded
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    bad = subprocess.run([sys.executable, tool, "--every", "0"], capture_output=True, text=True, cwd=HERE)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("sft_speed.py: error:")
+
+
+
+
+def test_formula_probe_checks_the_thoughts_plan():
+    """dev/reading.py: the thoughts' formula: the demos' solves its deal; a wrong sum, a card used twice,
+    none, do not."""
+    rd = runpy.run_path(PROBES)
+    env = envs.make("points24")
+    infos = [env.reset(options={"cards": c})[1] for c in (["10", "3", "8", "A"], ["K", "2", "10", "5"])]
+    right = [R.format_response("points24", i, "=") for i in infos]
+    unsolvable = env.reset(options={"cards": ["A", "A", "A", "A"]})[1]
+    assert rd["plan_accuracy"]("points24", right + [R.format_response("points24", unsolvable, "=")],
+                               infos + [unsolvable]) == (2 / 3, 2 / 3)
+    plan = right[0].split("; ")[1].split(" makes")[0]
+    assert plan == "| ( 10 - 1 ) * 8 / 3"  # a start state: the bar, then the whole formula
+    wrong = [right[0].replace(plan, "( 10 - 3 ) * 8 / 1"),  # the cards, but 56
+             right[0].replace(plan, "( 10 - 1 ) * 8 / 3 / 1"), "not json"]  # 24, but the ace twice
+    assert rd["plan_accuracy"]("points24", wrong, [infos[0]] * 3) == (0.0, 1.0)
+    assert rd["plan_accuracy"]("blackjack", [], []) is None
+
+
+def test_reading_probe_checks_that_actions_follow_the_plan():
+    """dev/reading.py --play: a step counts as planned when its thoughts' formula solves the cards and
+    starts with the formula so far, and as followed when the unit played is that formula's next one."""
+    rd = runpy.run_path(PROBES)
+    env = envs.make("points24")
+    info = env.reset(options={"cards": ["10", "3", "8", "A"]})[1]
+    steps = []
+    while True:  # the expert's episode: every step planned and followed, "=" included
+        name = env.action_names[env.expert_action()]
+        steps.append((info, R.format_response("points24", info, name), name))
+        info = env.step(env.action_names.index(name))[4]
+        if name == "=":
+            break
+    n = len(steps)
+    assert n > 4 and rd["plan_following"]("points24", steps) == {
+        "plan solves and continues the formula": 1.0, "of those, the action is its next unit": 1.0}
+    first, later = steps[0], steps[2]
+    off_plan = (first[0], first[1], "+")  # planned, not followed
+    assert later[0]["formula"] == "( 10" and "; ( 10 | - 1 ) * 8 / 3 makes" in later[1]  # the bar: the next unit
+    other_start = (later[0], later[1].replace("( 10 | - 1 ) * 8 / 3", "8 * ( 10 - 1 ) / 3"), "-")  # solves, ignores "( 10"
+    got = rd["plan_following"]("points24", steps + [off_plan, other_start, (first[0], "not json", "=")])
+    assert got == {"plan solves and continues the formula": (n + 1) / (n + 3),
+                   "of those, the action is its next unit": n / (n + 1)}
+
+
+def test_reading_probe_checks_that_numberline_actions_follow_the_thoughts():
+    """dev/reading.py --policy on NumberLine: the demonstrations' thoughts relate the numbers right and
+    a right move follows them; a wrong move, a wrong relation word, or no action count against."""
+    rd = runpy.run_path(PROBES)
+    env = envs.make("numberline")
+    infos = [env.reset(options={"current": c, "target": t})[1] for c, t in ((5, 1), (0, 3), (2, 4))]
+    right = [R.format_response("numberline", i, m) for i, m in zip(infos, "-++")]
+    assert "is smaller" in right[0] and "is larger" in right[1]
+    assert rd["relation_following"](right, infos) == (1.0, 1.0, collections.Counter())
+    wrong_move = R.format_response("numberline", infos[0], "+")  # says smaller, moves up
+    wrong_word = right[1].replace("is larger", "is smaller")  # moves up, as it should, against its word
+    got = rd["relation_following"]([wrong_move, wrong_word, "not json"], infos)
+    assert got == (1 / 3, 0.0, collections.Counter({(5, 1): 1, (2, 4): 1}))
+
+
+def test_reading_play_counts_numberline_wrong_moves_per_state():
+    """dev/reading.py --play on NumberLine: a move counts as wrong by the state it was played in, whatever
+    the answer says (a random move after an invalid answer included)."""
+    rd = runpy.run_path(PROBES)
+    env = envs.make("numberline")
+    at = lambda c, t: env.reset(options={"current": c, "target": t})[1]
+    steps = [(at(4, 0), "", "-"), (at(4, 0), "", "+"), (at(4, 0), "not json", "+"), (at(1, 3), "", "+"),
+             (at(3, 1), "", "+")]
+    wrong, seen = rd["wrong_moves"](steps)
+    assert wrong == collections.Counter({(4, 0): 2, (3, 1): 1})
+    assert seen == collections.Counter({(4, 0): 3, (1, 3): 1, (3, 1): 1})
+
+
+NUDGE = os.path.join(HERE, "dev", "nudge.py")
+
+
+def test_nudge_scores_the_action_part_and_teaches_one_state(tiny):
+    """dev/nudge.py: its action log-prob is score()'s log pi with the thoughts weighted 0, for every state's
+    "+" and "-" answer; one Adam step on a state's right answer raises that answer's log-prob."""
+    nd = runpy.run_path(NUDGE)
+    model, processor = copy.deepcopy(tiny[0]), tiny[1]
+    model.eval()
+    states = [(4, 0), (1, 3), (5, 2)]
+    for move in "+-":
+        batch = nd["answers_batch"](processor, states, move)
+        with torch.no_grad():
+            got = nd["action_logp"](model, batch)
+            want = R.score(model, R.make_value_head(R.text_hidden_size(model)), batch, 0.2, 0.0)[0]
+        assert got.shape == (3,) and torch.allclose(got, want, atol=1e-5)
+        assert (batch["action_mask"].sum(1) > 0).all() and (batch["thought_mask"].sum(1) > 0).all()
+    teach = nd["answers_batch"](processor, [(4, 0)], "-")
+    before = nd["action_logp"](model, teach).item()
+    optimizer = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+    (-nd["action_logp"](model, teach).sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert nd["action_logp"](model, teach).item() > before
+    for argv, message in ((["/no/such/folder"], "model folder not found"),
+                          ([HERE, "--state", "3", "3"], "two different")):
+        r = subprocess.run([sys.executable, NUDGE, *argv], capture_output=True, text=True, cwd=HERE)
+        assert r.returncode == 1 and r.stderr.startswith("nudge.py: error:") and message in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_reading_probe_blackjack_states():
+    """dev/reading.py --policy's states: every two-card hand (hard 5-20, soft A2-A9) against every
+    up-card, as the env deals them, with the expert's choice (hit 12 against a 2 or a 7, stand 13
+    against a 6, 17 up; hit soft 17 against a 9, stand soft 18 against a 2)."""
+    rd = runpy.run_path(PROBES)
+    states = rd["blackjack_states"]()
+    assert len(states) == (16 + 8) * 13 and len({(h, r) for h, r, _, _, _ in states}) == len(states)
+    expert = {(h, r): a for h, r, _, _, a in states}
+    for hand, rank, obs, info, _ in states:
+        soft = hand.startswith("A")
+        total = 11 + int(hand[1:]) if soft else int(hand)
+        assert (info["player_total"], info["usable_ace"], info["dealer_card"]) == (total, soft, rank)
+        assert len(info["player_cards"]) == 2 and obs.shape == (224, 224, 3)
+    assert expert[("12", "2")] == expert[("12", "7")] == expert[("16", "K")] == expert[("5", "6")] == "hit"
+    assert expert[("13", "6")] == expert[("17", "A")] == expert[("20", "10")] == "stand"
+    assert expert[("A6", "9")] == "hit" and expert[("A7", "2")] == "stand"
+
+
+def test_reading_policy_table_win_rate_is_exact():
+    """dev/reading.py --policy's win rate of a table: the expert's choices give the expert's exact 42.95%
+    (a hand of three cards chooses as its total's two-card row), standing everywhere the stand-only rate,
+    and a half-and-half table lies between; a sampled table is the mix, not its majority."""
+    rd = runpy.run_path(PROBES)
+    b = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "baselines.py"))
+    keys = [(h, r, a) for h, r, _, _, a in rd["blackjack_states"]()]
+    expert = rd["table_win_rate"]({(h, r): float(a == "hit") for h, r, a in keys})
+    assert abs(expert - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12 and 0.429 < expert < 0.4316
+    stand = rd["table_win_rate"]({(h, r): 0.0 for h, r, _ in keys})
+    assert abs(stand - b["exact_win_rate"](lambda hard, ace, up: False)) < 1e-12
+    half = rd["table_win_rate"]({(h, r): 0.5 for h, r, _ in keys})
+    assert stand < expert and half < expert and half != stand
+    mixed = rd["table_win_rate"]({(h, r): 0.75 if a == "hit" else 0.25 for h, r, a in keys})
+    assert half < mixed < expert

@@ -116,12 +116,12 @@ def tokenizer(spec):
     to the checkpoint's base size, then the checkpoint's special tokens at their ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    import rl4vlm
+    from tools import tiny
     size, first, after = spec["vocab"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(rl4vlm.tokenizer_corpus(16), trainers.BpeTrainer(
+    bpe.train_from_iterator(tiny.tokenizer_corpus(16), trainers.BpeTrainer(
         vocab_size=2000, special_tokens=first, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     model = json.loads(bpe.to_str())
     vocab = model["model"]["vocab"]

@@ -32,7 +32,7 @@ def one_update(vocab, steps, num_envs, micro_batch, max_new_tokens):
     torch.manual_seed(0)
     args = R.parse_args(["--num-envs", str(num_envs), "--num-steps", str(steps), "--micro-batch-size", str(micro_batch),
                          "--max-new-tokens", str(max_new_tokens), "--update-epochs", "1", "--target-kl", "1e9"])
-    model, processor = R.build_tiny_vlm("mini")
+    model, processor = R.build_tiny("llava", "mini")
     tok = processor.tokenizer
     tok.add_tokens([f"<v{i}>" for i in range(vocab - len(tok))])  # ids the random model samples and decodes
     model.resize_token_embeddings(len(tok))

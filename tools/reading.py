@@ -1,292 +1,79 @@
-"""Does a saved model read the image? Its answer's state fields against the true state.
+"""Does a saved model read the image? Its answers' state fields against the true state.
 
-    python tools/reading.py runs/p24-s1/model --states 96
+    python tools/reading.py runs/numberline-s1-20261206-101500        # a run's folder, or its model/
 
-For each of N start states (rl4vlm.episode_seed("probe", i): no SFT, RL or evaluation episode) the
-model answers once, sampling at rl4vlm.py's default temperature (0.2; a saved model does not record
-the run's flags).
-The fields it writes before its thoughts ("current number", "cards", "dealer card", ...:
-rl4vlm.cot_fields) are compared with the env's true values: how often each field is exactly right
-and, for lists such as the cards, how often each element is right. Next to them: what always
-writing the commonest true value would score, the accuracy of a model that ignores the image. It
-reads the CoT fields only, so it needs a model trained with CoT. In the formula games it also checks
-the formula the thoughts plan: does it use each card once and make the target? With --play it plays
-those start states to the end and says where an episode is lost: a plan that stops solving the cards,
-or an action that is not the plan's next unit; in NumberLine, how many moves go the wrong way, and in
-which states. In Blackjack, --policy asks about every two-card hand (hard totals 5 to 20, soft ones A2
-to A9) against every dealer card, 8 times each, and prints how often it hits, marking each choice that
-differs from the expert's (exact dynamic programming), and the exact win rate of the policy that table
-describes (sampled as the model samples, and its majority choice): a probe, no evaluation hand played.
-In NumberLine, --policy asks about each start state 8 times: do the thoughts relate the numbers right
-("... is larger"), does the action follow them, and at which states does it not.
+The probe that a run prints after SFT (rl4vlm.read_probe): at --states start states that no run trains
+or evaluates on, the model answers once, sampling at temperature 0.2, and the fields it writes before
+its thoughts ("current number", "cards", "dealer card", ...) are compared with the env's true values:
+how often each field is exactly right and, for lists such as the cards, how often each element is.
+Beside them, what always writing the commonest true value scores: a reader that ignores the image.
+It needs a model trained with CoT (without thoughts there are no fields).
 """
 import argparse
 import collections
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def field_accuracy(task, answers, infos):
-    """answers: the model's texts; infos: the envs' info dicts. -> {field: (exact, per element or None)}.
-    An answer that is not JSON, or lacks the field, counts as wrong."""
+def element_shares(task, answers, infos):
+    """For list fields (the cards): the share of elements right, {field: share}; not JSON counts as wrong."""
+    import envs
     import rl4vlm
-    right, elements, total = collections.Counter(), collections.Counter(), collections.Counter()
+    right, total = collections.Counter(), collections.Counter()
     for text, info in zip(answers, infos):
-        objs = rl4vlm._json_objects(text)
-        said = objs[0] if objs else {}
-        for field, true in rl4vlm.cot_fields(task, info).items():
-            value = said.get(field)
-            right[field] += value == true
+        said = (rl4vlm._json_objects(text) or [{}])[0]
+        for field, true in envs.TASKS[task].state_fields(info).items():
             if isinstance(true, list):
-                got = value if isinstance(value, list) else []
-                elements[field] += sum(a == b for a, b in zip(got, true))
+                got = said.get(field) if isinstance(said.get(field), list) else []
+                right[field] += sum(a == b for a, b in zip(got, true))
                 total[field] += len(true)
-    n = max(len(infos), 1)
-    return {f: (right[f] / n, elements[f] / total[f] if total[f] else None) for f in right}
-
-
-def written_plan(text, target):
-    """The formula a formula game's answer plans in its thoughts ("...; 2 | * 6 makes 12." -> ["2", "*",
-    "6"]; the bar, where the formula so far ends, is not a unit); [] if none."""
-    import re
-    import rl4vlm
-    objs = rl4vlm._json_objects(text)
-    found = re.search(rf"; (.+) makes {target}\b", str((objs[0] if objs else {}).get("thoughts", "")))
-    return [u for u in found.group(1).split() if u != "|"] if found else []
-
-
-def plan_accuracy(task, answers, infos):
-    """Formula games: the share of answers whose thoughts write a formula that solves the cards
-    ("...; | 2 * 6 makes 12."), and the share of deals that have one (what a perfect reader and solver
-    would score). -> (solved, solvable), or None for the other tasks."""
-    import envs
-    if task not in ("ezpoints", "points24"):
-        return None
-    game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
-    solved = solvable = 0
-    for text, info in zip(answers, infos):
-        plan = written_plan(text, game.target)
-        solved += envs.solves(plan, info["numbers"], game.target)
-        solvable += bool(envs.continue_solution(info["numbers"], [], game.target, game.ops))
-    n = max(len(infos), 1)
-    return solved / n, solvable / n
-
-
-def plan_following(task, steps):
-    """Formula games, played episodes: steps is a list of (info before the step, the answer, the unit
-    played). -> {measure: share}: of all steps, those whose thoughts write a plan that solves the cards
-    and starts with the formula so far; of those, the ones that play the plan's next unit."""
-    import envs
-    game = envs.EZPointsEnv if task == "ezpoints" else envs.Points24Env
-    valid = followed = 0
-    for info, text, played in steps:
-        plan = written_plan(text, game.target)
-        so_far = [u for u in info["formula"].split() if u != envs.BLANK]
-        if plan[:len(so_far)] == so_far and envs.solves(plan, info["numbers"], game.target):
-            valid += 1
-            followed += played == (plan[len(so_far)] if len(plan) > len(so_far) else "=")  # a written plan: "="
-    return {"plan solves and continues the formula": valid / max(len(steps), 1),
-            "of those, the action is its next unit": followed / max(valid, 1)}
-
-
-def right_move(info):
-    """NumberLine: the move that brings current closer to target."""
-    return "+" if info["target"] > info["current"] else "-"
-
-
-def relation_following(answers, infos):
-    """NumberLine: answers and the envs' infos. -> (share whose thoughts relate the two numbers right,
-    share whose action follows the relation they write, Counter of (current, target) -> answers whose
-    action is not the right move; no single legal action counts as not)."""
-    import re
-    import envs
-    import rl4vlm
-    names = envs.make("numberline").action_names
-    right = follows = 0
-    wrong = collections.Counter()
-    for text, info in zip(answers, infos):
-        fields = rl4vlm.cot_fields("numberline", info)
-        current, target = fields["current number"], fields["target number"]
-        said = re.search(r"is (larger|smaller)", text)
-        right += bool(said) and said.group(1) == ("larger" if target > current else "smaller")
-        a = rl4vlm.parse_action(text, names)
-        move = None if a is None else names[a]
-        follows += bool(said) and move == {"larger": "+", "smaller": "-"}[said.group(1)]
-        wrong[(current, target)] += move != right_move(info)
-    n = max(len(infos), 1)
-    return right / n, follows / n, +wrong
-
-
-def wrong_moves(steps):
-    """NumberLine, steps played: [(info, answer, action name played)]. -> (Counter of (current, target) ->
-    steps there whose move was wrong, Counter of (current, target) -> steps there)."""
-    wrong, seen = collections.Counter(), collections.Counter()
-    for info, _, played in steps:
-        state = (info["current"], info["target"])
-        seen[state] += 1
-        wrong[state] += played != right_move(info)
-    return +wrong, seen
-
-
-def blackjack_states():
-    """Two-card hands against each dealer up-card rank: [(hand, rank, obs, info, the expert's action
-    name)]. hand: "5".."20" hard (a 2 and a card up to 11, then a 10 and a card), "A2".."A9" soft.
-    The dealer's face-down card is a 5 (no answer can see it)."""
-    import envs
-    env, out = envs.make("blackjack"), []
-    hands = [(str(t), ["2", str(t - 2)] if t <= 11 else ["10", str(t - 10)]) for t in range(5, 21)]
-    for label, cards in hands + [(f"A{k}", ["A", str(k)]) for k in range(2, 10)]:
-        for rank in envs.RANKS[1:] + envs.RANKS[:1]:  # 2 .. K, then A
-            obs, info = env.reset(seed=0, options={"player": cards, "dealer": [rank, "5"]})
-            out.append((label, rank, obs, info, env.action_names[env.expert_action()]))
-    return out
-
-
-def table_win_rate(hit_share):
-    """Exact win rate (infinite deck) of the policy a --policy table describes. hit_share: {(hand, rank):
-    share of answers that hit} over blackjack_states()' hands. A hand of three or more cards plays its
-    total's row (hard 4 the row of 5, soft 12 the row of A2), a 21 stands; the 10, J, Q and K columns are
-    averaged, since they are one dealer value."""
-    import envs
-    from tools.baselines import exact_win_rate
-    share = collections.defaultdict(list)
-    for (hand, rank), h in hit_share.items():
-        share[hand, envs.VALUE[rank]].append(h)
-
-    def hits(hard, ace, up):
-        total = envs._best(hard, ace)
-        if total >= 21:
-            return 0.0
-        hand = f"A{max(total - 11, 2)}" if total != hard else str(max(hard, 5))
-        return sum(share[hand, up]) / len(share[hand, up])
-    return exact_win_rate(hits)
+    return {f: right[f] / total[f] for f in total}
 
 
 def constant_guess(task, infos):
-    """The same measures for a reader that always writes the commonest true value (element-wise for lists)."""
-    import rl4vlm
-    fields = [rl4vlm.cot_fields(task, info) for info in infos]
+    """What always writing the commonest true value scores: {field: (exact, per element or None)}."""
+    import envs
+    fields = [envs.TASKS[task].state_fields(info) for info in infos]
     out = {}
     for f, first in fields[0].items():
         values = [fs[f] for fs in fields]
         exact = collections.Counter(map(repr, values)).most_common(1)[0][1] / len(values)
-        per = None
-        if isinstance(first, list):
-            flat = [x for v in values for x in v]
-            per = collections.Counter(flat).most_common(1)[0][1] / len(flat)
-        out[f] = (exact, per)
+        flat = [x for v in values for x in v] if isinstance(first, list) else None
+        out[f] = (exact, flat and collections.Counter(flat).most_common(1)[0][1] / len(flat))
     return out
+
+
+def load(folder):
+    """A saved run's model as an rl4vlm Agent (no value head) and the run's arguments."""
+    import rl4vlm
+    import torch
+    try:
+        model, processor, _, meta = rl4vlm.load_checkpoint(folder, torch.device("cpu"))
+    except rl4vlm.LoadError as e:
+        sys.exit(f"reading.py: error: {e}")
+    if not meta.get("cot", True):
+        sys.exit("reading.py: error: this model answers without thoughts (--no-cot): it writes no state fields")
+    args = rl4vlm.parse_args(["--load", folder, "--task", meta["task"], "--save-dir", tempfile.mkdtemp()])  # unused
+    return rl4vlm.Agent(model, processor, None, torch.device("cpu"), meta.get("base_model")), args
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", help="a model folder written by rl4vlm.py (RUN/model)")
-    p.add_argument("--states", type=int, default=96, help="start states to read")
-    p.add_argument("--batch", type=int, default=16, help="states per generate call")
-    p.add_argument("--policy", action="store_true", help="Blackjack: how often it hits each two-card hand against "
-                   "each dealer card, against the expert; NumberLine: do its actions follow its thoughts")
-    p.add_argument("--play", action="store_true", help="play the start states to the end; formula games: check "
-                   "each step's action against the thoughts' plan; NumberLine: where the wrong moves are")
-    args = p.parse_args()
-    if args.states < 1 or args.batch < 1:
-        p.error("--states and --batch must be positive")
-    if not os.path.isdir(args.model):
-        sys.exit(f"reading.py: error: model folder not found: {args.model}")
+    p.add_argument("model", help="a run's folder, or its model/ (written by rl4vlm.py)")
+    p.add_argument("--states", type=int, default=96, help="start states to read (a run's own probe: 96)")
+    a = p.parse_args()
+    if a.states < 1:
+        p.error("--states must be positive")
+    if not os.path.isdir(a.model):
+        sys.exit(f"reading.py: error: model folder not found: {a.model}")
     import rl4vlm
-    import torch
-    try:
-        model, processor, _, meta = rl4vlm.load_checkpoint(args.model, torch.device("cpu"))
-    except rl4vlm.LoadError as e:
-        sys.exit(f"reading.py: error: {e}")
-    task = meta["task"]
-    if not meta.get("cot", True):
-        sys.exit("reading.py: error: this model answers without thoughts (--no-cot): it writes no state fields")
-    if args.play and task == "blackjack" or args.policy and task not in ("blackjack", "numberline"):
-        sys.exit(f"reading.py: error: --{'play' if args.play else 'policy'} is for "
-                 f"{'the formula games and NumberLine' if args.play else 'Blackjack and NumberLine'}; "
-                 f"this model plays {task}")
-    run_args = rl4vlm.parse_args(["--task", task, "--load", args.model])
-    gen_config = rl4vlm.generation_config(model, processor, run_args)
-    model.eval()
-    torch.manual_seed(0)
-
-    def answer(prompts, images):
-        """The model's sampled answers, one generate call."""
-        inputs = rl4vlm.process(processor, prompts, images, "cpu")
-        return processor.tokenizer.batch_decode(rl4vlm.generate(model, inputs, gen_config, for_ppo=False)[0],
-                                                skip_special_tokens=True)
-
-    pool = rl4vlm.EnvPool(task, [rl4vlm.episode_seed("probe", i) for i in range(args.states)])
-    prompts, answers = pool.prompts(True), []
-    for i in range(0, args.states, args.batch):
-        answers += answer(prompts[i:i + args.batch], pool.obs[i:i + args.batch])
-    model_acc, guess_acc = field_accuracy(task, answers, pool.infos), constant_guess(task, pool.infos)
-    print(f"{args.model} ({task}), {args.states} start states: share right (model vs always the commonest value)")
-    for f, (exact, per) in model_acc.items():
-        line = f"  {f}: exact {100 * exact:.1f}% vs {100 * guess_acc[f][0]:.1f}%"
-        if per is not None:
-            line += f"; per element {100 * per:.1f}% vs {100 * guess_acc[f][1]:.1f}%"
-        print(line)
-    plan = plan_accuracy(task, answers, pool.infos)
-    if plan is not None:
-        print(f"  thoughts' formula solves the cards: {100 * plan[0]:.1f}% (a solution exists: {100 * plan[1]:.1f}%)")
-    if args.play:
-        import random
-        steps, returns, rng = [], [], random.Random(0)
-        for i in range(0, args.states, args.batch):  # each start state played once, a batch at a time
-            seeds = [rl4vlm.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))]
-            pool = rl4vlm.EnvPool(task, seeds, queue=iter([]))
-            while pool.active:
-                texts = answer(pool.prompts(True), pool.observations())
-                actions, _ = rl4vlm.choose_actions(texts, pool.action_names, rng)
-                steps += [(pool.infos[e], t, pool.action_names[a]) for e, t, a in zip(pool.active, texts, actions)]
-                returns += pool.step(actions)[4]
-        success = sum(r > 0 for r in returns) / len(returns)
-        print(f"  played to the end: {len(steps)} steps, success {100 * success:.1f}%")
-        if task == "numberline":
-            wrong, seen = wrong_moves(steps)
-            print(f"  wrong moves: {sum(wrong.values())} of {len(steps)} steps; where, of the steps there: "
-                  + (", ".join(f"{s}: {w} of {seen[s]}" for s, w in wrong.most_common(5)) or "none"))
-        else:
-            for name, share in plan_following(task, steps).items():
-                print(f"  {name}: {100 * share:.1f}%")
-    if args.policy and task == "numberline":
-        k = 8
-        infos, asks, images, texts = pool.infos * k, prompts * k, list(pool.obs) * k, []
-        for i in range(0, len(infos), args.batch):
-            texts += answer(asks[i:i + args.batch], images[i:i + args.batch])
-        right, follows, wrong = relation_following(texts, infos)
-        asked = collections.Counter(tuple(rl4vlm.cot_fields(task, info).values()) for info in infos)
-        print(f"  {len(texts)} answers ({k} per state): the thoughts relate the numbers right {100 * right:.1f}%, "
-              f"the action follows them {100 * follows:.1f}%")
-        print("  wrong moves at (current, target), of the answers there: "
-              + (", ".join(f"{s}: {w} of {asked[s]}" for s, w in wrong.most_common(5)) or "none"))
-    elif args.policy:
-        states, k = blackjack_states(), 8
-        prompts = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, _, _, info, _ in states] * k
-        images, hits = [obs for _, _, obs, _, _ in states] * k, collections.Counter()
-        for i in range(0, len(prompts), args.batch):
-            for j, text in enumerate(answer(prompts[i:i + args.batch], images[i:i + args.batch])):  # no single legal action: a coin flip, as in play
-                a = rl4vlm.parse_action(text, pool.action_names)
-                hits[(i + j) % len(states)] += 0.5 if a is None else pool.action_names[a] == "hit"
-        ranks = [rank for _, rank, _, _, _ in states[:13]]
-        print(f"  hits, out of {k} (* the expert does the other), hand (hard total, or soft: A and a card) against "
-              "the dealer's card:")
-        print("    " + "".join(f"{r:>4}" for r in ranks))
-        differ = 0
-        for row in range(0, len(states), 13):
-            cells = []
-            for c in range(row, row + 13):
-                wrong = (hits[c] > k / 2) != (states[c][4] == "hit")
-                differ += wrong
-                cells.append(f"{hits[c]:g}{'*' if wrong else ' '}".rjust(4))
-            print(f"  {states[row][0]:>3}" + "".join(cells))
-        print(f"  the majority choice differs from the expert's in {differ} of {len(states)} states")
-        share = {(hand, rank): hits[c] / k for c, (hand, rank, _, _, _) in enumerate(states)}
-        majority = {key: (h > 0.5) + (h == 0.5) / 2 for key, h in share.items()}
-        expert = {(hand, rank): float(a == "hit") for hand, rank, _, _, a in states}
-        print(f"  exact win rate of this table's policy (infinite deck; 3+ cards play their total's row): "
-              f"sampled {100 * table_win_rate(share):.2f}%, its majority {100 * table_win_rate(majority):.2f}%, "
-              f"the expert {100 * table_win_rate(expert):.2f}%")
+    agent, args = load(a.model)
+    shares, answers, infos = rl4vlm.read_probe(agent, args, a.states)
+    guess, per = constant_guess(args.task, infos), element_shares(args.task, answers, infos)
+    print(f"{a.model} ({args.task}), {a.states} start states: share right (model vs always the commonest value)")
+    for f, share in shares.items():
+        print(f"  {f}: exact {100 * share:.1f}% vs {100 * guess[f][0]:.1f}%"
+              + (f"; per element {100 * per[f]:.1f}% vs {100 * guess[f][1]:.1f}%" if f in per else ""))
