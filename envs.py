@@ -687,3 +687,60 @@ def make(task, **kwargs):
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     return gym.make(env_id(task), **kwargs).unwrapped
+
+
+# ---------------------------------------------------------------- many environments, seeded episodes
+# Each use of episodes has its own range of env seeds: no training episode is ever an evaluation one.
+SEED_USES = ("evaluation", "probe", "tokenizer", "sft", "rollout")
+
+
+def episode_seed(use, i, run_seed=0):
+    """The env seed of episode (or env) i of a use, ((run_seed * 5 + use) << 32) + i: no two (use, run_seed,
+    i) share one. Evaluation and the reading probe keep run_seed 0: every run plays the same episodes."""
+    if not (0 <= i < 2**32 and run_seed >= 0):
+        raise ValueError(f"episode_seed needs 0 <= i < 2**32 and run_seed >= 0, got {i}, {run_seed}")
+    return ((run_seed * len(SEED_USES) + SEED_USES.index(use)) << 32) + i
+
+
+class EnvPool:
+    """Environments stepped together, env i first reset with seeds[i]. A finished episode starts over in
+    place, with its env's own RNG or the next seed of `queue` (an env whose queue is empty leaves `active`)."""
+
+    def __init__(self, task, seeds, queue=None):
+        self.task, self.queue = task, queue
+        self.envs = [make(task) for _ in seeds]
+        self.action_names = make(task).action_names if not seeds else self.envs[0].action_names
+        first = [env.reset(seed=seed) for seed, env in zip(seeds, self.envs)]  # [(obs, info), ...]
+        self.obs, self.infos = [o for o, _ in first], [i for _, i in first]
+        self.returns = [0.0] * len(seeds)
+        self.active = list(range(len(seeds)))  # the envs still playing, in order
+
+    def observations(self):
+        return [self.obs[i] for i in self.active]
+
+    def restart(self, i):
+        """Start env i's episode over: after its end, or early (SFT's extra start states)."""
+        seed = None if self.queue is None else next(self.queue, None)
+        if self.queue is not None and seed is None:  # no episode left for env i
+            self.active.remove(i)
+            return
+        self.obs[i], self.infos[i] = self.envs[i].reset(seed=seed)
+        self.returns[i] = 0.0
+
+    def step(self, actions):
+        """One action per active env -> rewards, terminated, truncated (lists over those envs), the final
+        (obs, info) of truncated episodes by env index, and the returns of the episodes that ended."""
+        rewards, terminated, truncated, finals, finished = [], [], [], {}, []
+        for i, a in zip(list(self.active), actions):
+            obs, r, term, trunc, info = self.envs[i].step(a)
+            self.returns[i] += r
+            rewards.append(float(r))
+            terminated.append(term)
+            truncated.append(trunc)
+            if trunc and not term:
+                finals[i] = (obs, info)
+            self.obs[i], self.infos[i] = obs, info
+            if term or trunc:
+                finished.append(self.returns[i])
+                self.restart(i)
+        return rewards, terminated, truncated, finals, finished

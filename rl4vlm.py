@@ -138,8 +138,7 @@ def make_parser():
     g = p.add_argument_group("generation")
     g.add_argument("--temperature", type=positive_float, default=0.2, help="sampling temperature, as the paper's")
     g.add_argument("--max-new-tokens", type=positive_int, help=f"longest answer in tokens {by_task('max_new_tokens')}")
-    g.add_argument("--no-cot", action="store_true", default=None, help="ask for the action alone, the paper's CoT "
-                   "ablation (default: as a --load model was trained)")
+    g.add_argument("--no-cot", action="store_true", default=None, help="answer with the action alone: the CoT ablation")
     g = p.add_argument_group("supervised warm start (SFT), the tiny model's")
     g.add_argument("--sft-steps", type=nonneg_int, help=f"SFT steps before RL, 0 with --load {by_task('sft_steps')}")
     g.add_argument("--sft-batch-size", type=positive_int, help=f"demonstrations per step {by_task('sft_batch_size')}")
@@ -238,6 +237,8 @@ def parse_args(argv=None):
     defaults = recipe(args.task, args.tiny)
     if args.load or args.model != "tiny":
         defaults["sft_steps"] = 0  # a trained model, or a real one, starts RL as it is
+    if args.eval_episodes is not None:  # a --eval-episodes given counts before RL too
+        defaults["eval_start_episodes"] = None
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -631,64 +632,11 @@ def state_values(agent, args, action_names, states):
 
 
 # ----------------------------------------------------------------------------------------------
-# Environments in parallel, each with its own image, prompt and answer per step.
+# Environments in parallel (envs.EnvPool), each with its own image, prompt and answer per step.
 
-SEED_USES = ("evaluation", "probe", "tokenizer", "sft", "rollout")
-
-
-def episode_seed(use, i, run_seed=0):
-    """The env seed of episode (or env) i of a use, ((run_seed * 5 + use) << 32) + i: no two (use, run_seed,
-    i) share one. Evaluation and the reading probe keep run_seed 0: every run plays the same episodes."""
-    if not (0 <= i < 2**32 and run_seed >= 0):
-        raise ValueError(f"episode_seed needs 0 <= i < 2**32 and run_seed >= 0, got {i}, {run_seed}")
-    return ((run_seed * len(SEED_USES) + SEED_USES.index(use)) << 32) + i
-
-
-class EnvPool:
-    """Environments stepped together, env i first reset with seeds[i]. A finished episode starts over in
-    place, with its env's own RNG or the next seed of `queue` (an env whose queue is empty leaves `active`)."""
-
-    def __init__(self, task, seeds, queue=None):
-        self.task, self.queue = task, queue
-        self.envs = [envs.make(task) for _ in seeds]
-        self.action_names = envs.make(task).action_names if not seeds else self.envs[0].action_names
-        first = [env.reset(seed=seed) for seed, env in zip(seeds, self.envs)]  # [(obs, info), ...]
-        self.obs, self.infos = [o for o, _ in first], [i for _, i in first]
-        self.returns = [0.0] * len(seeds)
-        self.active = list(range(len(seeds)))  # the envs still playing, in order
-
-    def prompts(self, cot):
-        return [build_prompt(self.task, self.action_names, self.infos[i], cot) for i in self.active]
-
-    def observations(self):
-        return [self.obs[i] for i in self.active]
-
-    def restart(self, i):
-        """Start env i's episode over: after its end, or early (SFT's extra start states)."""
-        seed = None if self.queue is None else next(self.queue, None)
-        if self.queue is not None and seed is None:  # no episode left for env i
-            self.active.remove(i)
-            return
-        self.obs[i], self.infos[i] = self.envs[i].reset(seed=seed)
-        self.returns[i] = 0.0
-
-    def step(self, actions):
-        """One action per active env -> rewards, terminated, truncated (lists over those envs), the final
-        (obs, info) of truncated episodes by env index, and the returns of the episodes that ended."""
-        rewards, terminated, truncated, finals, finished = [], [], [], {}, []
-        for i, a in zip(list(self.active), actions):
-            obs, r, term, trunc, info = self.envs[i].step(a)
-            self.returns[i] += r
-            rewards.append(float(r))
-            terminated.append(term)
-            truncated.append(trunc)
-            if trunc and not term:
-                finals[i] = (obs, info)
-            self.obs[i], self.infos[i] = obs, info
-            if term or trunc:
-                finished.append(self.returns[i])
-                self.restart(i)
-        return rewards, terminated, truncated, finals, finished
+def prompts(pool, cot):
+    """The prompt of each env still playing in the pool."""
+    return [build_prompt(pool.task, pool.action_names, pool.infos[i], cot) for i in pool.active]
 
 
 def choose_actions(texts, action_names, rng):
@@ -711,57 +659,68 @@ def sft_learning_rate(step, steps, peak, warmup=0):
 
 
 def sft(agent, args, run):
-    """Cross-entropy on demonstration answers. Thoughts describe the true state; the action is the
-    expert's with probability --sft-expert-prob, otherwise uniformly random. After each step an
-    episode starts over with probability --sft-restart-prob: in a formula game the formula so far
-    names the cards already played, so only a start state's cards must be read from the image."""
+    """Cross-entropy on demonstrations (sft_step), --sft-steps of them, then the reading probe: while a field
+    of what the image shows is misread, SFT goes on (check_reading)."""
     rng, t0, encoded = random.Random(rank_seed(args.seed + 1)), time.time(), {}  # encoded: answer text -> its ids
-    model, tok, B = agent.model, agent.processor.tokenizer, args.sft_batch_size
-    pool = EnvPool(args.task, [episode_seed("sft", RANK * B + i, args.seed) for i in range(B)])  # per process
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0)
+    B = args.sft_batch_size
+    pool = envs.EnvPool(args.task, [envs.episode_seed("sft", RANK * B + i, args.seed) for i in range(B)])  # per process
+    optimizer = torch.optim.AdamW([p for p in agent.model.parameters() if p.requires_grad], lr=args.sft_lr,
+                                  weight_decay=0.0)
     start, pool = restore(agent, run, "sft", optimizer, rng, pool)  # --resume: the step to go on from
-    model.train()
-    for step in progress(range(start, args.sft_steps), "sft", start, args.sft_steps):
-        lr = sft_learning_rate(step, args.sft_steps, args.sft_lr, args.sft_warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        actions = [env.expert_action() if rng.random() < args.sft_expert_prob else rng.randrange(len(pool.action_names))
-                   for env in pool.envs]
-        answers = [" " + format_response(args.task, info, pool.action_names[a], not args.no_cot)
-                   for info, a in zip(pool.infos, actions)]
-        inputs = process(agent.processor, pool.prompts(not args.no_cot), pool.observations(), agent.device)
-        if len(encoded) > 4096:  # the formula games' answers rarely repeat: keep the store small
-            encoded.clear()
-        for ans in set(answers) - set(encoded):  # each different answer tokenized once
-            encoded[ans] = tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        samples = [make_sample(inputs, i, torch.tensor(encoded[ans]), tok) for i, ans in enumerate(answers)]
-        tokens = all_mean([sum(len(s["response_ids"]) for s in samples)], agent.device)[0] * WORLD
-        loss = 0.0  # the mean over every process's answer tokens
-        optimizer.zero_grad(set_to_none=True)
-        for m in range(0, len(samples), args.micro_batch_size):  # gradients accumulated over micro-batches
-            batch = collate(samples[m:m + args.micro_batch_size], tok.pad_token_id, agent.device)
-            logp = answer_logp(token_logprobs(model, batch, temperature=1.0)[0], batch)
-            part = -(logp * (batch["thought_mask"] + batch["action_mask"])).sum() / tokens
-            part.backward()
-            loss += part.item()
-        loss = all_mean([loss], agent.device)[0] * WORLD
-        if not math.isfinite(loss):  # the same in every process
-            raise FloatingPointError(f"SFT loss is {loss} at step {step}")
-        sum_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        pool.step(actions)
-        for i in range(len(pool.envs)):
-            if args.sft_restart_prob > 0 and rng.random() < args.sft_restart_prob:
-                pool.restart(i)
-        if (step + 1) % 50 == 0 or step == 0:
-            log(f"sft {step + 1}/{args.sft_steps} | loss {loss:.4f} | lr {lr:.2e} | {eta(step + 1)}")
-            write_row(run, "sft.csv", ["step", "loss", "lr"], {"step": step + 1, "loss": loss, "lr": lr}, step == 0)
-            track({"sft/loss": loss, "sft/lr": lr}, step + 1)
-        checkpoint(agent, args, run, "sft", step + 1, optimizer, rng, pool)  # at the last step, and at a stop
+    agent.model.train()
+    end = args.sft_steps + run.results.get("sft_extra", 0)
+    while start < end:
+        for step in progress(range(start, end), "sft", start, end):
+            lr = sft_learning_rate(min(step, args.sft_steps), args.sft_steps, args.sft_lr, args.sft_warmup)
+            loss = sft_step(agent, args, pool, optimizer, rng, lr, encoded)
+            if (step + 1) % 50 == 0 or step == 0:
+                log(f"sft {step + 1}/{end} | loss {loss:.4f} | lr {lr:.2e} | {eta(step + 1)}")
+                write_row(run, "sft.csv", ["step", "loss", "lr"], {"step": step + 1, "loss": loss, "lr": lr}, step == 0)
+                track({"sft/loss": loss, "sft/lr": lr}, step + 1)
+            checkpoint(agent, args, run, "sft", step + 1, optimizer, rng, pool)  # at the last step, and at a stop
+        start, end = end, args.sft_steps + check_reading(agent, args, run)
     run.results["sft_seconds"] = run.results.get("sft_seconds", 0) + time.time() - t0
     log(f"sft done in {time.time() - t0:.0f} s")
+
+
+def sft_step(agent, args, pool, optimizer, rng, lr, encoded):
+    """One SFT step on a demonstration per env: thoughts from the true state, the expert's action with
+    probability --sft-expert-prob (else a random one); then each episode starts over with probability
+    --sft-restart-prob (a formula game's formula so far names the cards played: only start states need
+    reading). -> the loss, the mean over every process's answer tokens."""
+    model, tok = agent.model, agent.processor.tokenizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    actions = [env.expert_action() if rng.random() < args.sft_expert_prob else rng.randrange(len(pool.action_names))
+               for env in pool.envs]
+    answers = [" " + format_response(args.task, info, pool.action_names[a], not args.no_cot)
+               for info, a in zip(pool.infos, actions)]
+    inputs = process(agent.processor, prompts(pool, not args.no_cot), pool.observations(), agent.device)
+    if len(encoded) > 4096:  # the formula games' answers rarely repeat: keep the store small
+        encoded.clear()
+    for ans in set(answers) - set(encoded):  # each different answer tokenized once
+        encoded[ans] = tok(ans, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    samples = [make_sample(inputs, i, torch.tensor(encoded[ans]), tok) for i, ans in enumerate(answers)]
+    tokens = all_mean([sum(len(s["response_ids"]) for s in samples)], agent.device)[0] * WORLD
+    loss, params = 0.0, [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    for m in range(0, len(samples), args.micro_batch_size):  # gradients accumulated over micro-batches
+        batch = collate(samples[m:m + args.micro_batch_size], tok.pad_token_id, agent.device)
+        logp = answer_logp(token_logprobs(model, batch, temperature=1.0)[0], batch)
+        part = -(logp * (batch["thought_mask"] + batch["action_mask"])).sum() / tokens
+        part.backward()
+        loss += part.item()
+    loss = all_mean([loss], agent.device)[0] * WORLD
+    if not math.isfinite(loss):  # the same in every process
+        raise FloatingPointError(f"SFT loss is {loss}")
+    sum_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    pool.step(actions)
+    for i in range(len(pool.envs)):
+        if args.sft_restart_prob > 0 and rng.random() < args.sft_restart_prob:
+            pool.restart(i)
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,12 +746,9 @@ class Rollout:
 
 @torch.no_grad()
 def collect_rollout(agent, pool, gen_config, args, rng, timer):
-    """Play T = --num-steps steps in every environment of the pool with the current policy.
-
-    In fp32, old log pi and V(s) are read off generate's own forward passes (the logits of every sampled
-    token and the last prompt token's hidden state): exactly what score() would compute in a second
-    forward over prompt + answer, to float rounding (a test checks), at no extra cost. In 16 bits they
-    are not (see rescore), so the rollout scores its answers once more with score()."""
+    """Play T = --num-steps steps in every environment of the pool with the current policy. Old log pi and
+    V(s) come off generate's own forward passes in fp32 (what score() gives, to float rounding: tested),
+    and from a second forward in 16 bits (rescore)."""
     T, N, tok, model = args.num_steps, len(pool.envs), agent.processor.tokenizer, agent.model
     exact = computes_in(model) == torch.float32
     ro = Rollout([], torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N, dtype=torch.bool),
@@ -800,7 +756,7 @@ def collect_rollout(agent, pool, gen_config, args, rng, timer):
     model.eval()
     for t in range(T):
         with timer("prompt"):
-            inputs = process(agent.processor, pool.prompts(not args.no_cot), pool.observations(), agent.device)
+            inputs = process(agent.processor, prompts(pool, not args.no_cot), pool.observations(), agent.device)
         with timer("generate"):
             responses, token_logp, hidden = generate(model, inputs, gen_config, exact)  # N answers, (N, R), (N, H)
         with timer("score"):  # parse the answers; old log pi and V(s) from generate's outputs
@@ -831,10 +787,9 @@ def collect_rollout(agent, pool, gen_config, args, rng, timer):
 
 
 def rescore(agent, ro, args):
-    """Old log pi and V(s) from the very forward PPO's update makes. In 16 bits, generate's cached decode
-    rounds differently from a forward over prompt + answer, and so do forwards of other shapes, by more
-    than the 0.1 clip tolerates once logits are a trained model's size. Padded to one shape for the whole
-    rollout (ro.shape: rows, P, R; the update uses it too), a sample's scores do not depend on its batch."""
+    """Old log pi and V(s) from the very forward PPO's update makes: in 16 bits generate's cached decode, and
+    forwards of other shapes, round differently, by more than the 0.1 clip tolerates. Every batch is padded
+    to one shape (ro.shape: rows, P, R; the update's too), so a sample's scores do not depend on its batch."""
     samples = ro.samples
     ro.shape = (args.micro_batch_size, max(len(s["prompt_ids"]) for s in samples),
                 max(len(s["response_ids"]) for s in samples))
@@ -962,22 +917,19 @@ def sample_answers(agent, gen_config, prompts, images):
 
 @torch.no_grad()
 def evaluate(agent, args, episodes):
-    """Success rate (return > 0, the paper's metric), mean return and invalid-answer rate over the
-    fixed evaluation episodes 0 .. episodes - 1, played --eval-envs at a time (with many processes,
-    each plays every WORLD-th of them).
-
-    Its sampling noise comes from a forked torch RNG: the same for every evaluation of a run, and the
-    training's random stream is left exactly where it was (evaluating or not changes no training)."""
+    """Success rate (return > 0, the paper's metric), mean return and invalid-answer rate over the fixed
+    evaluation episodes 0 .. episodes - 1, --eval-envs at a time (each process every WORLD-th). A forked
+    RNG: the same noise for every evaluation, and the training's random stream left where it was."""
     with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
         torch.manual_seed(rank_seed(args.seed))
         agent.model.eval()
         rng, gen_config = random.Random(rank_seed(args.seed)), generation_config(agent.model, agent.processor, args)
-        seeds = [episode_seed("evaluation", j) for j in range(RANK, episodes, WORLD)]
+        seeds = [envs.episode_seed("evaluation", j) for j in range(RANK, episodes, WORLD)]
         n = min(args.eval_envs, len(seeds))
-        pool = EnvPool(args.task, seeds[:n], queue=iter(seeds[n:]))
+        pool = envs.EnvPool(args.task, seeds[:n], queue=iter(seeds[n:]))
         returns, invalid = [], []
         while pool.active:
-            texts = sample_answers(agent, gen_config, pool.prompts(not args.no_cot), pool.observations())
+            texts = sample_answers(agent, gen_config, prompts(pool, not args.no_cot), pool.observations())
             actions, bad = choose_actions(texts, pool.action_names, rng)
             invalid += bad
             returns += pool.step(actions)[4]
@@ -986,18 +938,21 @@ def evaluate(agent, args, episodes):
             "invalid": float(np.mean(invalid)) if invalid else 0.0, "episodes": len(returns)}
 
 
+PROBE_STATES = 96  # the reading probe's start states: one misread state in 96 is sampling's luck
+
+
 @torch.no_grad()
-def read_probe(agent, args, states=96, batch=16):
+def read_probe(agent, args, states=PROBE_STATES, batch=16):
     """Does the model read the image? Its answers at `states` start states that no run trains or evaluates
     on, sampled with a forked RNG as evaluate's. -> (field_shares, answers, the states' infos)."""
     with torch.random.fork_rng(devices=[agent.device] if agent.device.type == "cuda" else []):
         torch.manual_seed(0)
         agent.model.eval()
         gen_config = generation_config(agent.model, agent.processor, args)
-        pool = EnvPool(args.task, [episode_seed("probe", i) for i in range(states)])
-        prompts, answers = pool.prompts(cot=True), []
+        pool = envs.EnvPool(args.task, [envs.episode_seed("probe", i) for i in range(states)])
+        asked, answers = prompts(pool, cot=True), []
         for i in range(0, states, batch):
-            answers += sample_answers(agent, gen_config, prompts[i:i + batch], pool.obs[i:i + batch])
+            answers += sample_answers(agent, gen_config, asked[i:i + batch], pool.obs[i:i + batch])
     return field_shares(args.task, answers, pool.infos), answers, pool.infos
 
 
@@ -1023,13 +978,12 @@ def main(args):
     try:  # a signal (Ctrl-C, SIGTERM) stops the run at the end of a step, with a checkpoint
         if run.phase == "sft" and args.sft_steps:  # the paper starts RL from an SFT model
             sft(agent, args, run)
-            check_reading(agent, args, run)
         if args.eval_start_episodes and "start" not in run.results:
             run.results["start"] = evaluate(agent, args, args.eval_start_episodes)
             log_eval("before RL", run.results["start"])
         optimizer = rl_optimizer(agent, args)
         agent.ref = make_reference(agent.model) if args.kl_coef and args.num_updates else None  # for --kl-coef
-        pool = EnvPool(args.task, [episode_seed("rollout", RANK * args.num_envs + i, args.seed)
+        pool = envs.EnvPool(args.task, [envs.episode_seed("rollout", RANK * args.num_envs + i, args.seed)
                                    for i in range(args.num_envs)])  # each process its own envs
         gen_config, rng = generation_config(agent.model, agent.processor, args), random.Random(rank_seed(args.seed))
         start, pool = restore(agent, run, "rl", optimizer, rng, pool)  # --resume: the update to go on from
@@ -1090,15 +1044,23 @@ def log_eval(when, result):
 
 
 def check_reading(agent, args, run):
-    """After SFT, the reading probe (read_probe): one line naming each field SFT does not read in every
-    probe state, which RL will not teach reliably (the vision encoder stays frozen)."""
+    """After SFT, the reading probe (read_probe). A field misread in more than one probe state gets more SFT
+    at the last learning rate, a tenth of --sft-steps at a time, up to half as many again: the vision
+    encoder stays frozen in RL, which cannot teach reading. One line names each field not read everywhere.
+    -> the SFT steps beyond --sft-steps so far."""
+    extra = run.results.get("sft_extra", 0)
     if args.no_cot:  # without thoughts there are no state fields to read
-        return
-    run.results["reading"] = shares = read_probe(agent, args)[0]
+        return extra
+    run.results["reading"] = shares = read_probe(agent, args, PROBE_STATES)[0]
     missed = [f"the {f} in {100 * s:.0f}%" for f, s in shares.items() if s < 1]
-    log(f"SFT reads {', '.join(missed)} of the probe states; more --sft-steps may help" if missed else
-        f"SFT reads every field ({', '.join(shares)}) in all the probe states")
-    track({f"reading/{f}": s for f, s in shares.items()}, 0)
+    if any(round((1 - s) * PROBE_STATES) > 1 for s in shares.values()) and extra < args.sft_steps // 2:
+        run.results["sft_extra"] = extra = extra + max(args.sft_steps // 10, 1)
+        log(f"SFT reads {', '.join(missed)} of the probe states: {max(args.sft_steps // 10, 1)} more SFT steps")
+    else:
+        log(f"SFT reads {', '.join(missed)} of the probe states; more --sft-steps may help" if missed else
+            f"SFT reads every field ({', '.join(shares)}) in all the probe states")
+    track({f"reading/{f}": s for f, s in shares.items()}, args.sft_steps + extra)
+    return extra
 
 
 def finish(agent, args, run):
@@ -1110,6 +1072,7 @@ def finish(agent, args, run):
     if agent.device.type == "cuda":  # what --micro-batch-size, --num-envs, ... left of the GPU
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(agent.device) / 2**30
         log(f"peak GPU memory {results['peak_gpu_memory_gib']:.1f} GiB")
+    results["total_seconds"] = time.time() - T_START  # this process's (a resumed run: since the resume)
     write_results(args, run, finished="interrupted" not in results)
     if "final" in results:
         log_eval("after RL", results["final"])
@@ -1162,12 +1125,8 @@ def chat_texts(processor, prompts):
 
 
 def process(processor, prompts, images, device):
-    """Prompts + images -> model inputs, left-padded: (B, P) ids and mask, plus the image tensors.
-
-    The processor's output depends on the prompt and the image alone, so each pair is processed once
-    and its row kept (NumberLine shows only 30 different pictures). The rows are the processor's own
-    and the padding below is what padding=True does, so the inputs are exactly the same.
-    """
+    """Prompts + images -> model inputs, left-padded: (B, P) ids and mask, plus the image tensors. Each pair
+    is processed once and its row kept (NumberLine shows 30 pictures); the padding is padding=True's."""
     from PIL import Image
     store = PROCESSED.setdefault(processor, {})
     keys = [(p, hashlib.sha1(im.tobytes()).hexdigest() + str(im.shape)) for p, im in zip(prompts, images)]
@@ -1195,13 +1154,9 @@ PATCH_FIELDS = {f["patches"] for f in FAMILIES.values() if "patches" in f}  # im
 
 
 def split_rows(inputs, real, rows):
-    """Batched inputs -> for each row in rows, (its text fields without padding, its image fields).
-
-    Text fields are the (B, P) ones (ids, mask, mm_token_type_ids, ...), cut to real (B, P).
-    Image fields keep a leading dimension, so that join_rows() is torch.cat for every family: one
-    row of a per-image field (pixel values (B, 3, H, W), image_sizes, pixel_attention_mask), or for
-    Qwen-style inputs the row's own patches of pixel values (all images' patches, (sum of patches, D)),
-    as many as the grid field (B, 3) says."""
+    """Batched inputs -> for each row in rows, (its (B, P) text fields cut to `real`, its image fields). Image
+    fields keep a leading dimension, so that join_rows() is torch.cat for every family: a row of a
+    per-image field, or Qwen's own rows of pixel values (all images' patches), as its grid (B, 3) counts."""
     shape = inputs["input_ids"].shape
     grid = next((inputs[k] for k in PATCH_FIELDS if k in inputs), None)
     ends = None if grid is None else grid.prod(-1).cumsum(0)
@@ -1310,9 +1265,8 @@ def build_tiny(arch="llava", size="mini"):
 
 
 def image_only(name):
-    """The stock processor class `name` without its video processor (which needs torchvision, and
-    the method shows images only). It keeps the stock name, so a saved folder has the layout of a
-    real checkpoint; load_processor() reads such folders back through this class."""
+    """The stock processor class `name` without its video processor (it needs torchvision); the stock name
+    kept, so that a saved folder has a real checkpoint's layout."""
     stock = getattr(transformers, name)
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -1361,9 +1315,8 @@ def load_vlm(path, device, dtype="auto"):
     except Exception as e:  # OSError, safetensors and config errors all mean "cannot use this folder"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"cannot load a model from {path}: {first_line}") from None
-    # generate() fills every field our GenerationConfig leaves unset from the checkpoint's own
-    # generation_config.json (Qwen2-VL's and Qwen2.5-VL's Instruct models ship repetition_penalty 1.05),
-    # and PPO scores softmax(logits / T): keep only the checkpoint's end tokens.
+    # generate() fills what our config leaves unset from the checkpoint's own (Qwen's repetition_penalty
+    # 1.05), and PPO scores softmax(logits / T): keep only its end tokens
     model.generation_config = GenerationConfig(eos_token_id=end_tokens(model, processor.tokenizer),
                                                pad_token_id=processor.tokenizer.pad_token_id)
     return model, processor
@@ -1550,7 +1503,7 @@ def checkpoint(agent, args, run, phase, step, optimizer, rng, pool):
     --save-every updates, and when a signal asks the run to stop, which it then does (Interrupted)."""
     stop = all_mean([float(bool(STOP))], agent.device)[0] > 0  # every process stops at the same step
     run.phase, run.step = phase, step
-    last = step == (args.sft_steps if phase == "sft" else args.num_updates)
+    last = step == (args.sft_steps + run.results.get("sft_extra", 0) if phase == "sft" else args.num_updates)
     if stop or last or (phase == "rl" and args.save_every and step % args.save_every == 0):
         cuda = torch.cuda.get_rng_state(agent.device) if agent.device.type == "cuda" else None
         ranks = gather([{"rng": rng.getstate(), "pool": pool, "random": random.getstate(), "cuda": cuda,

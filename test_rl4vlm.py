@@ -425,16 +425,16 @@ def test_blackjack_threshold_baselines_match_play():
 def test_episode_seeds_never_collide():
     """Training (SFT, rollouts) never plays an evaluation or probe episode, for any --seed: each use and
     run seed has its own range (--seed 10 used to give seed 10 * 100,000 + i = 1,000,000 + i)."""
-    seeds = [R.episode_seed(use, i, run_seed) for use in R.SEED_USES for run_seed in range(300)
+    seeds = [envs.episode_seed(use, i, run_seed) for use in envs.SEED_USES for run_seed in range(300)
              for i in (0, 1, 7, 199, 1999, 100_000, 2**32 - 1)]
     assert len(set(seeds)) == len(seeds) and min(seeds) >= 0
-    evaluation = {R.episode_seed("evaluation", j) for j in range(5000)}
+    evaluation = {envs.episode_seed("evaluation", j) for j in range(5000)}
     for run_seed in range(300):
-        training = {R.episode_seed(use, i, run_seed) for use in ("sft", "rollout") for i in range(64)}
+        training = {envs.episode_seed(use, i, run_seed) for use in ("sft", "rollout") for i in range(64)}
         assert not training & evaluation
     for bad in [(-1, 0), (0, -1), (2**32, 0)]:
         with pytest.raises(ValueError):
-            R.episode_seed("sft", *bad)
+            envs.episode_seed("sft", *bad)
 
 
 # The official gym_cards rules (github.com/RL4VLM/RL4VLM, gym-cards/gym_cards/envs/*.py), restated as
@@ -703,6 +703,7 @@ def test_each_task_runs_its_table_1_recipe_by_default(task, tmp_path):
     assert (given.num_updates, given.num_envs, given.eval_envs, given.sft_expert_prob) == (
         3, 2, TABLE_1[task]["eval_envs"] if task in ("points24", "blackjack") else 2, 0.0)  # a flag wins
     assert R.parse_args(["--task", task, "--load", str(tmp_path)]).sft_steps == 0  # a loaded model is trained
+    assert R.parse_args(["--task", task, "--eval-episodes", "50"]).eval_start_episodes == 50  # before RL too
 
 
 def test_help_shows_every_default_and_no_constant_names():
@@ -896,12 +897,12 @@ def tiny():
 
 def _samples(model, processor, n=4, seed=0, task="ezpoints", max_new_tokens=12):
     """Real rollout samples: prompts of different lengths (formulas differ), sampled answers."""
-    pool = R.EnvPool(task, range(seed, seed + n))
+    pool = envs.EnvPool(task, range(seed, seed + n))
     for i, env in enumerate(pool.envs):  # different formula lengths -> different prompt lengths
         for _ in range(i):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
     args = R.parse_args(["--max-new-tokens", str(max_new_tokens)])
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    inputs = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
     torch.manual_seed(seed)
     responses = R.generate(model, inputs, R.generation_config(model, processor, args))[0]
     return [R.make_sample(inputs, i, responses[i], processor.tokenizer) for i in range(n)]
@@ -953,10 +954,10 @@ def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
 
     R.PROCESSED.pop(processor, None)
     rng, seen = random.Random(0), set()
-    pools = [R.EnvPool("ezpoints", range(4, 10)), R.EnvPool("numberline", range(4, 10))]
+    pools = [envs.EnvPool("ezpoints", range(4, 10)), envs.EnvPool("numberline", range(4, 10))]
     for step in range(4):
         for pool in pools:
-            prompts = pool.prompts(step % 2 == 0) + pool.prompts(True)[:2]  # two pairs twice at even steps
+            prompts = R.prompts(pool, step % 2 == 0) + R.prompts(pool, True)[:2]  # two pairs twice at even steps
             images = pool.obs + pool.obs[:2]
             check(prompts, images)
             seen |= {(p, im.tobytes()) for p, im in zip(prompts, images)}
@@ -964,8 +965,8 @@ def test_process_reuses_rows_and_equals_the_processor(tiny, monkeypatch):
     assert len(R.PROCESSED[processor]) == len(seen) < 4 * 2 * 8  # one row per distinct pair
 
     monkeypatch.setattr(R, "PROCESSED_MAX", 8)
-    pool = R.EnvPool("points24", range(4, 14))  # ten different deals
-    prompts = pool.prompts(True)
+    pool = envs.EnvPool("points24", range(4, 14))  # ten different deals
+    prompts = R.prompts(pool, True)
     R.PROCESSED.pop(processor)
     check(prompts[:6], pool.obs[:6])
     check(prompts[:2] + prompts[6:], pool.obs[:2] + pool.obs[6:])  # 2 kept + 4 new > 8: starts again
@@ -998,8 +999,8 @@ def test_rollouts_sample_from_the_policy_ppo_scores(tiny, tmp_path):
     stores, while the first PPO ratio still read 1. Stored log-probs must be those generate sampled from."""
     model, processor = _checkpoint(_trained_logits(tiny[0]), tiny[1], tmp_path, repetition_penalty=1.05, do_sample=True, top_k=5)
     model.eval()
-    pool = R.EnvPool("ezpoints", range(4))
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    pool = envs.EnvPool("ezpoints", range(4))
+    inputs = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
     config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "24"]))
     torch.manual_seed(0)
     responses, token_logp, _ = R.generate(model, inputs, config)
@@ -1017,8 +1018,8 @@ def test_answers_end_at_every_end_token_the_checkpoint_declares(tiny, tmp_path):
     tokenizer's <eos>; generation stopped, and answers were cut, at the tokenizer's alone."""
     model, processor = tiny
     model.eval()
-    pool = R.EnvPool("numberline", range(4))
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    pool = envs.EnvPool("numberline", range(4))
+    inputs = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
     config = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "12"]))
     torch.manual_seed(0)
     plain = R.generate(model, inputs, config)[0]
@@ -1040,10 +1041,10 @@ def test_generate_and_scoring_see_the_same_context(tiny):
     """Greedy answers from a left-padded batch are the argmax of the scoring forward at every token."""
     model, processor = tiny
     model.eval()
-    pool = R.EnvPool("ezpoints", range(5, 8))
+    pool = envs.EnvPool("ezpoints", range(5, 8))
     for _ in range(2):
         pool.obs[2], _, _, _, pool.infos[2] = pool.envs[2].step(pool.envs[2].expert_action())
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    inputs = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
     gc = R.generation_config(model, processor, R.parse_args(["--max-new-tokens", "10"]))
     gc.do_sample = False
     responses = R.generate(model, inputs, gc)[0]
@@ -1229,11 +1230,11 @@ def test_rollout_log_pi_and_value_from_generate_equal_scoring(tiny):
     model, processor = tiny
     model.eval()
     vh = R.make_value_head(R.text_hidden_size(model))
-    pool = R.EnvPool("ezpoints", range(3, 7))
+    pool = envs.EnvPool("ezpoints", range(3, 7))
     for i, env in enumerate(pool.envs):  # different prompt lengths, so the batch is left-padded
         for _ in range(i):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    inputs = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
     torch.manual_seed(0)
     responses, token_logp, hidden = R.generate(model, inputs, R.generation_config(
         model, processor, R.parse_args(["--max-new-tokens", "24", "--temperature", "0.7"])))
@@ -1312,9 +1313,42 @@ def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, res
                          "--sft-restart-prob", str(restart_prob), "--save-dir", str(tmp_path)])
     assert args.sft_expert_prob == 1
     agent = _agent(copy.deepcopy(tiny[0]), tiny[1], R.make_value_head(R.text_hidden_size(tiny[0])))
+    monkeypatch.setattr(R, "check_reading", lambda *a: 0)  # the reading probe asks for no more steps
     R.sft(agent, args, R.open_run(args))
     assert len(seen) == 12 and seen[:4] == [""] * 4
     assert (set(seen) == {""}) == (restart_prob == 1)
+
+
+@pytest.mark.parametrize("reads_after", [1, None])
+def test_sft_goes_on_while_a_field_is_misread(tiny, monkeypatch, tmp_path, reads_after):
+    """After --sft-steps, the reading probe: a field misread in more than one of its 96 states gets a tenth
+    of --sft-steps more (at the last learning rate), up to half as many again; a miss in one state is
+    sampling's luck. The run says what it reads, and results.json holds the shares and the extra steps."""
+    probes, steps, lrs, printed = [], [], [], []
+    read = {"current number": 1.0, "target number": 1.0}
+    misread = {"current number": 1.0, "target number": 94 / 96}
+
+    def probe(agent, args, states):
+        probes.append(states)
+        return (read if reads_after is not None and len(probes) > reads_after else misread), [], []
+
+    sft_step = R.sft_step
+    monkeypatch.setattr(R, "read_probe", probe)
+    monkeypatch.setattr(R, "sft_step", lambda *a: steps.append(1) or lrs.append(a[5]) or sft_step(*a))
+    monkeypatch.setattr(R, "log", printed.append)
+    args = R.parse_args(["--task", "numberline", "--sft-steps", "20", "--sft-batch-size", "2", "--save-dir",
+                         str(tmp_path / "x")])
+    run = R.open_run(args)
+    R.sft(_agent(copy.deepcopy(tiny[0]), tiny[1], R.make_value_head(R.text_hidden_size(tiny[0]))), args, run)
+    assert len(steps) == (22 if reads_after else 30) and len(probes) == (2 if reads_after else 6)
+    assert run.results["sft_extra"] == len(steps) - 20 and run.results["reading"] == (read if reads_after else misread)
+    assert lrs[20:] == [pytest.approx(args.sft_lr / 10)] * (len(steps) - 20)  # the schedule's last rate
+    assert "SFT reads the target number in 98% of the probe states: 2 more SFT steps" in printed
+    assert printed[-2] == ("SFT reads every field (current number, target number) in all the probe states" if reads_after
+                           else "SFT reads the target number in 98% of the probe states; more --sft-steps may help")
+    one_miss = {"current number": 1.0, "target number": 95 / 96}
+    monkeypatch.setattr(R, "read_probe", lambda *a: (one_miss, [], []))
+    assert R.check_reading(None, args, R.Run("x", collections.deque())) == 0  # one state: no more steps
 
 
 def _agent(model, processor, value_head=None, ref=None):
@@ -1349,7 +1383,7 @@ def test_in_16_bits_the_first_ratio_is_one(tiny, steps, envs_, minibatch, micro,
     args = R.parse_args(["--task", "ezpoints", "--num-steps", str(steps), "--num-envs", str(envs_), "--max-new-tokens",
                          "16", "--minibatch-size", str(minibatch), "--micro-batch-size", str(micro), "--update-epochs",
                          "2", "--target-kl", "1e9"])
-    pool = R.EnvPool("ezpoints", range(envs_))
+    pool = envs.EnvPool("ezpoints", range(envs_))
     for i, env in enumerate(pool.envs):  # formulas of different lengths: prompts of different lengths
         for _ in range(i % 3):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
@@ -1387,7 +1421,7 @@ def test_full_fine_tuning_in_16_bits_moves_the_weights_as_fp32_does(tmp_path):
         assert R.computes_in(agent.ref) == next(agent.ref.parameters()).dtype == getattr(torch, dtype)
         optimizer, rng = R.rl_optimizer(agent, args), random.Random(0)
         before = {n: p.detach().clone() for n, p in agent.model.named_parameters() if p.requires_grad}
-        pool = R.EnvPool("numberline", [R.episode_seed("rollout", i) for i in range(4)])
+        pool = envs.EnvPool("numberline", [envs.episode_seed("rollout", i) for i in range(4)])
         for _ in range(3):
             rollout = R.collect_rollout(agent, pool, R.generation_config(agent.model, agent.processor, args), args,
                                         rng, R.make_timer()[0])
@@ -1653,17 +1687,17 @@ def test_eval_envs_batches_the_same_episodes(tiny, monkeypatch):
     """--eval-envs sets how many evaluation episodes share one generate; the episodes are the same."""
     model, processor = tiny
     batches, pools = [], []
-    generate, pool_class = R.generate, R.EnvPool
+    generate, pool_class = R.generate, envs.EnvPool
     monkeypatch.setattr(R, "generate", lambda m, inputs, *a, **k: batches.append(len(inputs["input_ids"]))
                         or generate(m, inputs, *a, **k))
-    monkeypatch.setattr(R, "EnvPool", lambda task, seeds, queue: pools.append(seeds + list(queue))
+    monkeypatch.setattr(envs, "EnvPool", lambda task, seeds, queue: pools.append(seeds + list(queue))
                         or pool_class(task, pools[-1][:len(seeds)], iter(pools[-1][len(seeds):])))
     for flags in ([], ["--eval-envs", "3"]):
         args = R.parse_args(["--task", "numberline", "--num-envs", "2", "--max-new-tokens", "8", *flags])
         batches.clear()
         assert R.evaluate(_agent(model, processor), args, 5)["episodes"] == 5
         assert max(batches) == (3 if flags else 2)
-    assert pools[0] == pools[1] == [R.episode_seed("evaluation", j) for j in range(5)]
+    assert pools[0] == pools[1] == [envs.episode_seed("evaluation", j) for j in range(5)]
 
 
 def test_reading_probe_scores_state_fields():
@@ -1922,7 +1956,7 @@ def test_resume_restores_the_state_saved(tiny, tmp_path):
         for group in optimizer.param_groups:
             group["lr"] = 3e-4
         run, rng = R.open_run(args), random.Random(4)
-        pool = R.EnvPool("blackjack", [R.episode_seed("rollout", i, 1) for i in range(2)])
+        pool = envs.EnvPool("blackjack", [envs.episode_seed("rollout", i, 1) for i in range(2)])
         rollout = R.collect_rollout(agent, pool, R.generation_config(agent.model, agent.processor, args), args, rng,
                                     R.make_timer()[0])
         adv, ret = R.compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,
@@ -2198,9 +2232,9 @@ def test_save_then_load_gives_the_same_logits(tiny, tmp_path):
         b = R.score(loaded, lvh, R.collate(samples, lproc.tokenizer.pad_token_id, "cpu"), 0.2, 0.5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # the loaded processor makes the same inputs
-    pool = R.EnvPool("ezpoints", range(2))
-    x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
+    pool = envs.EnvPool("ezpoints", range(2))
+    x = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
+    y = R.process(lproc, R.prompts(pool, True), pool.obs, "cpu")
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -2286,11 +2320,11 @@ def test_family_rollout_logprobs_and_values_equal_scoring(family_model):
     1.2e-2 per token on the tiny Qwen2.5-VL and 0.36 on the tiny Qwen3-VL; this test failed for all three Qwens)."""
     model, processor = family_model
     vh = R.make_value_head(R.text_hidden_size(model))
-    pool = R.EnvPool("ezpoints", range(3, 6))
+    pool = envs.EnvPool("ezpoints", range(3, 6))
     for i, env in enumerate(pool.envs):  # formulas of different lengths: a left-padded batch
         for _ in range(i):
             pool.obs[i], _, _, _, pool.infos[i] = env.step(env.expert_action())
-    inputs = R.process(processor, pool.prompts(True), pool.obs, "cpu")
+    inputs = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
     assert len(set(inputs["attention_mask"].sum(1).tolist())) > 1
     torch.manual_seed(0)
     responses, token_logp, hidden = R.generate(model, inputs, R.generation_config(
@@ -2313,9 +2347,9 @@ def test_family_save_then_load_gives_the_same_logits(family_model, tmp_path):
     assert saved == type(processor).__name__ and issubclass(type(processor), getattr(__import__("transformers"), saved))
     loaded, lproc, _, _ = R.load_checkpoint(str(tmp_path / "m"), "cpu")
     loaded.eval()
-    pool = R.EnvPool("blackjack", range(2))
-    x = R.process(processor, pool.prompts(True), pool.obs, "cpu")
-    y = R.process(lproc, pool.prompts(True), pool.obs, "cpu")
+    pool = envs.EnvPool("blackjack", range(2))
+    x = R.process(processor, R.prompts(pool, True), pool.obs, "cpu")
+    y = R.process(lproc, R.prompts(pool, True), pool.obs, "cpu")
     assert sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) for k in x)
     samples = _samples(model, processor, n=2, seed=4, max_new_tokens=6)
     with torch.no_grad():
@@ -2441,9 +2475,10 @@ def test_a_family_this_code_cannot_train_is_refused_in_one_line(tmp_path):
 
 
 def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
-    """tools/gpu_check.py --shrink: folders in llava-v1.6-mistral-7b's and Qwen2.5-VL-7B's hub layout (real
-    vocabularies, token ids, image processors, chat templates, Qwen's generation_config.json) with small
-    layers, each trained by the README's real-model command for an SFT step and 2 PPO updates."""
+    """tools/gpu_check.py --shrink: folders in llava-v1.6-mistral-7b's, Qwen2.5-VL-7B's and -3B's hub layout
+    (real vocabularies, token ids, image processors, chat templates, Qwen's generation_config.json) with
+    small layers, each trained by the README's real-model command for an SFT step and 2 PPO updates: the
+    7B shapes with LoRA, the 3B fully fine-tuned in 16 bits (fp32 weights, bf16 compute)."""
     pytest.importorskip("peft")
     r = subprocess.run([sys.executable, os.path.join(HERE, "tools", "gpu_check.py"), "--shrink", "--out", str(tmp_path),
                         "--sft-steps", "1", "--num-steps", "1", "--flags", "--lora-rank 8 --num-envs 1 --sft-batch-size 1 "
@@ -2451,7 +2486,7 @@ def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| llava-hf/") or line.startswith("| Qwen/")]
-    assert len(rows) == 2 and all("(shrunk)" in row for row in rows)
+    assert len(rows) == 3 and all("(shrunk)" in row for row in rows) and "full, fp32 weights, bf16 compute" in rows[2]
     for name, vocab, image_token, special, ends in (("llava-next", 32064, "<image>", 32000, [2]),
                                                     ("qwen2.5-vl", 152064, "<|image_pad|>", 151655, [151643, 151645])):
         model, processor = R.load_vlm(str(tmp_path / name), "cpu")
@@ -2460,6 +2495,9 @@ def test_gpu_check_runs_shrunk_on_a_cpu(tmp_path):
         assert R.end_tokens(model, processor.tokenizer) == ends
         assert model.generation_config.repetition_penalty is None  # Qwen's 1.05 is not sampled with
         assert (tmp_path / f"run-{name}" / "model" / "adapter_config.json").exists()
+    full = json.loads((tmp_path / "run-qwen2.5-vl-3b" / "results.json").read_text())["args"]  # fully fine-tuned
+    assert full["dtype"] == "bfloat16" and not full["lora"]
+    assert (tmp_path / "run-qwen2.5-vl-3b" / "model" / "model.safetensors").exists()
 
 
 # --- tools/walkthrough.py: the method on one example, step by step

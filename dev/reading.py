@@ -171,8 +171,8 @@ if __name__ == "__main__":
         """The model's sampled answers, one generate call."""
         return rl4vlm.sample_answers(agent, gen_config, prompts, images)
 
-    pool = rl4vlm.EnvPool(task, [rl4vlm.episode_seed("probe", i) for i in range(args.states)])
-    prompts, answers = pool.prompts(True), []
+    pool = envs.EnvPool(task, [envs.episode_seed("probe", i) for i in range(args.states)])
+    prompts, answers = rl4vlm.prompts(pool, True), []
     for i in range(0, args.states, args.batch):  # read_probe's answers, with the RNG going on from them
         answers += answer(prompts[i:i + args.batch], pool.obs[i:i + args.batch])
     print(f"{args.model} ({task}), {args.states} start states: "
@@ -183,10 +183,10 @@ if __name__ == "__main__":
     if args.play:
         steps, returns, rng = [], [], random.Random(0)
         for i in range(0, args.states, args.batch):  # each start state played once, a batch at a time
-            seeds = [rl4vlm.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))]
-            pool = rl4vlm.EnvPool(task, seeds, queue=iter([]))
+            seeds = [envs.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))]
+            pool = envs.EnvPool(task, seeds, queue=iter([]))
             while pool.active:
-                texts = answer(pool.prompts(True), pool.observations())
+                texts = answer(rl4vlm.prompts(pool, True), pool.observations())
                 actions, _ = rl4vlm.choose_actions(texts, pool.action_names, rng)
                 steps += [(pool.infos[e], t, pool.action_names[a]) for e, t, a in zip(pool.active, texts, actions)]
                 returns += pool.step(actions)[4]

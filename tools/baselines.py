@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402
-from rl4vlm import episode_seed  # noqa: E402  (episode j of an evaluation is reset(seed=episode_seed("evaluation", j)))
+from envs import episode_seed  # noqa: E402  (episode j of an evaluation is reset(seed=episode_seed("evaluation", j)))
 
 
 def hit_below(n):

@@ -9,7 +9,8 @@ a byte-level BPE trained on the task texts and filled with unused tokens to the 
 with the real special tokens at their real ids, the real image processor settings, chat template
 and generation_config.json (Qwen's repetition_penalty 1.05 included). Then it runs
 `rl4vlm.py --model FOLDER --lora --gradient-checkpointing` for a few SFT steps and 2 PPO updates
-and prints peak GPU memory and the seconds of an SFT step, a rollout and an update. A random model's
+and prints peak GPU memory and the seconds of an SFT step, a rollout and an update. Qwen2.5-VL-3B's
+shape is fully fine-tuned instead (no --lora): fp32 weights that Adam steps, bf16 compute. A random model's
 answers run to --max-new-tokens (256 by default at real scale): the worst case for memory.
 --shrink keeps every shape that is not a layer's width or depth (vocabulary, image size, tiles,
 token ids), so the same code paths run on a CPU in a few minutes.
@@ -92,6 +93,11 @@ HUB = {
                       "<|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
 }
+# Qwen2.5-VL-3B-Instruct: the 7B's layout at its own widths, fully fine-tuned in 16 bits (no --lora)
+HUB["qwen2.5-vl-3b"] = dict(HUB["qwen2.5-vl"], name="Qwen/Qwen2.5-VL-3B-Instruct", full=True, config=dict(
+    HUB["qwen2.5-vl"]["config"], hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    num_key_value_heads=2, max_window_layers=70, vocab_size=151936, tie_word_embeddings=True,
+    vision_config=dict(HUB["qwen2.5-vl"]["config"]["vision_config"], out_hidden_size=2048)))
 SHRINK = {  # --shrink: layers' widths and depths only
     "llava-next": {"text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "num_key_value_heads": 2},
@@ -102,6 +108,7 @@ SHRINK = {  # --shrink: layers' widths and depths only
                    "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                                      "out_hidden_size": 64, "fullatt_block_indexes": [1]}},
 }
+SHRINK["qwen2.5-vl-3b"] = SHRINK["qwen2.5-vl"]
 
 
 def merged(base, over):
@@ -160,8 +167,8 @@ def write_checkpoint(name, folder, shrink, device):
 
 def run(folder, out, flags):
     """rl4vlm.py on the folder -> (seconds per SFT step, per rollout, per update, peak GPU GiB, first approx KL)."""
-    cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), "--model", folder, "--lora", "--gradient-checkpointing",
-           "--eval-episodes", "0", "--save-dir", out, *flags]
+    cmd = [sys.executable, os.path.join(HERE, "rl4vlm.py"), "--model", folder, "--gradient-checkpointing",
+           "--eval-episodes", "0", "--save-dir", out, "--overwrite", *flags]
     print("$", " ".join(cmd[1:]), flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -195,15 +202,18 @@ if __name__ == "__main__":
     for name in a.models:
         folder, out = os.path.join(a.out, name), os.path.join(a.out, f"run-{name}")
         params = write_checkpoint(name, folder, a.shrink, device)
-        rows.append((name, params, *run(folder, out, flags + a.flags.split())))
+        # full fine-tuning computes in bf16 over fp32 weights; on a CPU that takes --dtype bfloat16
+        how = (["--dtype", "bfloat16"] if a.shrink else []) if HUB[name].get("full") else ["--lora"]
+        rows.append((name, params, *run(folder, out, flags + how + a.flags.split())))
     gpu = torch.cuda.get_device_name() if device == "cuda" else "none (--shrink, CPU)"
     host = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     print(f"\nGPU: {gpu}; torch {torch.__version__}; peak host memory of a run {host:.1f} GB")
-    print("| model (random weights, real shapes) | parameters | peak GPU memory | s / SFT step | s / rollout | s / update "
-          "| approx KL, first update |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model (random weights, real shapes) | parameters | training | peak GPU memory | s / SFT step | s / rollout "
+          "| s / update | approx KL, first update |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, params, sft, rollout, update, peak, kl in rows:
         peak = "-" if peak is None else f"{peak:.1f} GiB"
         size = f"{params / 1e6:.1f}M" if a.shrink else f"{params / 1e9:.2f}B"
-        print(f"| {HUB[name]['name']}{' (shrunk)' if a.shrink else ''} | {size} | {peak} | {sft:.2f} | "
+        how = "full, fp32 weights, bf16 compute" if HUB[name].get("full") else "LoRA r 128" if not a.shrink else "LoRA"
+        print(f"| {HUB[name]['name']}{' (shrunk)' if a.shrink else ''} | {size} | {how} | {peak} | {sft:.2f} | "
               f"{rollout:.1f} | {update:.1f} | {kl:.2g} |")

@@ -28,6 +28,7 @@ def one_update(vocab, steps, num_envs, micro_batch, max_new_tokens):
     sys.path.insert(0, HERE)
     import random
     import torch
+    import envs
     import rl4vlm as R
     torch.manual_seed(0)
     args = R.parse_args(["--num-envs", str(num_envs), "--num-steps", str(steps), "--micro-batch-size", str(micro_batch),
@@ -39,7 +40,7 @@ def one_update(vocab, steps, num_envs, micro_batch, max_new_tokens):
     value_head = R.make_value_head(R.text_hidden_size(model))
     optimizer = torch.optim.Adam(list(model.parameters()) + list(value_head.parameters()), lr=1e-5)
     agent = R.Agent(model, processor, value_head, torch.device("cpu"), "tiny", ref=R.make_reference(model))
-    pool = R.EnvPool("numberline", [R.episode_seed("rollout", i) for i in range(num_envs)])
+    pool = envs.EnvPool("numberline", [envs.episode_seed("rollout", i) for i in range(num_envs)])
     rollout = R.collect_rollout(agent, pool, R.generation_config(model, processor, args), args, random.Random(0),
                                 R.make_timer()[0])
     adv, ret = R.compute_gae(rollout.rewards, rollout.values, rollout.terminated, rollout.truncated,

@@ -44,7 +44,7 @@ def tokenizer_corpus(n_states=64):
     for task in envs.TASKS:
         env = envs.make(task)
         for s in range(n_states):
-            _, info = env.reset(seed=R.episode_seed("tokenizer", s))
+            _, info = env.reset(seed=envs.episode_seed("tokenizer", s))
             for _ in range(3):
                 a = env.expert_action() if s % 2 else int(env.np_random.integers(len(env.action_names)))
                 for cot in (True, False):  # as CHAT_TEMPLATE and sft() write them

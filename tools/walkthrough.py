@@ -407,7 +407,7 @@ print(f"V(s) of the three rows: {[round(v, 5) for v in value.tolist()]}; from ge
 # NumberLine pays +1 on reaching the target, 0 for a step closer and -1 for a step that is not.
 
 # %%
-pool = R.EnvPool("numberline", [R.episode_seed("rollout", i) for i in range(N)])
+pool = envs.EnvPool("numberline", [envs.episode_seed("rollout", i) for i in range(N)])
 states = []  # the true state and the action of every step, for the table
 step = pool.step
 
