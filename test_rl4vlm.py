@@ -687,7 +687,7 @@ TABLE_1 = {
     "points24": dict(sft_steps=2500, sft_batch_size=64, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=200,
                      num_updates=20, num_envs=16, num_steps=16, lr=3e-5, kl_coef=1.0, eval_episodes=200,
                      eval_start_episodes=200, eval_envs=8),
-    "blackjack": dict(sft_steps=1300, sft_batch_size=32, sft_expert_prob=0.25, sft_restart_prob=0.0, sft_warmup=0,
+    "blackjack": dict(sft_steps=1300, sft_batch_size=32, sft_expert_prob=0.25, sft_restart_prob=0.0, sft_warmup=200,
                       num_updates=200, num_envs=16, num_steps=8, lr=1e-4, kl_coef=2.0, eval_episodes=10000,
                       eval_start_episodes=2000, eval_envs=96),
 }
@@ -1343,9 +1343,9 @@ def test_sft_goes_on_while_a_field_is_misread(tiny, monkeypatch, tmp_path, reads
     assert len(steps) == (22 if reads_after else 30) and len(probes) == (2 if reads_after else 6)
     assert run.results["sft_extra"] == len(steps) - 20 and run.results["reading"] == (read if reads_after else misread)
     assert lrs[20:] == [pytest.approx(args.sft_lr / 10)] * (len(steps) - 20)  # the schedule's last rate
-    assert "SFT reads the target number in 98% of the probe states: 2 more SFT steps" in printed
+    assert 'SFT reads "target number" in 98% of the probe states: 2 more SFT steps' in printed
     assert printed[-2] == ("SFT reads every field (current number, target number) in all the probe states" if reads_after
-                           else "SFT reads the target number in 98% of the probe states; more --sft-steps may help")
+                           else 'SFT reads "target number" in 98% of the probe states; more --sft-steps may help')
     one_miss = {"current number": 1.0, "target number": 95 / 96}
     monkeypatch.setattr(R, "read_probe", lambda *a: (one_miss, [], []))
     assert R.check_reading(None, args, R.Run("x", collections.deque())) == 0  # one state: no more steps
@@ -2671,7 +2671,7 @@ def test_sft_speed_times_sft_and_counts_denormals(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [x for x in r.stdout.splitlines() if x.startswith("sft_speed step")]
     timed = [x for x in lines if "s a step" in x]
-    assert [x.split()[2] for x in timed] == ["2", "4"] and "flushed" in lines[1], lines
+    assert [x.split()[2] for x in timed][:2] == ["2", "4"] and "flushed" in lines[1], lines  # (then the probe's more)
     for x in timed:
         step_s, adam_ms, ratio = (float(x.split(key)[1].split()[0]) for key in ("|", "AdamW", "ratio"))
         assert step_s > 0 and adam_ms > 0
