@@ -1424,7 +1424,7 @@ TRACKER = None  # --track: TensorBoard's SummaryWriter
 
 
 class Interrupted(Exception):
-    """A signal stopped the run: at a step's end (a checkpoint was saved), or in an evaluation."""
+    """A signal stopped the run at the end of an SFT step or PPO update, where a checkpoint was saved."""
 
 
 class UsageError(Exception):
