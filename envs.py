@@ -326,8 +326,18 @@ class Task(gym.Env):
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.image_size, self.render_mode = int(image_size), render_mode
+        self._spaces()
+
+    def _spaces(self):
         self.observation_space = gym.spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8)
         self.action_space = gym.spaces.Discrete(len(self.action_names))
+
+    def __getstate__(self):  # pickled (a run's checkpoint) without its spaces, 4 times its image's size
+        return {k: v for k, v in vars(self).items() if k not in ("observation_space", "action_space")}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._spaces()
 
     def _check(self, action):
         if isinstance(action, np.ndarray) and action.shape == ():

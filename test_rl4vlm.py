@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import random
 import re
 import runpy
@@ -116,6 +117,24 @@ def test_seeding_reproduces_deal_and_images(task):
     assert np.array_equal(step1[0], step2[0]) and step1[1:] == step2[1:]
     deals = {str(env.reset(seed=s)[1]) for s in range(20)}
     assert len(deals) > 5  # different seeds give different deals
+
+
+@pytest.mark.parametrize("task", list(envs.TASKS))
+def test_a_pickled_env_plays_on_and_leaves_its_spaces_behind(task):
+    """A checkpoint pickles the environments: the copy plays on exactly as the original, and the pickle
+    holds the state and its images (a formula game keeps its table's too), not the observation space, which
+    alone pickles to four times an image's size."""
+    env = envs.make(task)
+    env.reset(seed=3)
+    data = pickle.dumps(env)
+    twin = pickle.loads(data)
+    assert len(data) < 3 * env.render().nbytes
+    assert twin.observation_space == env.observation_space and twin.action_space == env.action_space
+    for a in (0, 1, 0):
+        here, there = env.step(a), twin.step(a)
+        assert np.array_equal(here[0], there[0]) and here[1:] == there[1:]
+        if here[2] or here[3]:
+            break
 
 
 @pytest.mark.parametrize("task, bad", [

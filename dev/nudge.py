@@ -1,6 +1,6 @@
 """Do a NumberLine model's states share their move? Teach one state's right move alone, watch the others.
 
-    python tools/nudge.py runs/numberline-s1/model --state 4 0 --steps 1 3 10
+    python dev/nudge.py runs/numberline-s1/model --state 4 0 --steps 1 3 10
 
 For every state (current, target) the model's probability of "+" against "-", each answer written
 with the right fields and thoughts ("... the target 0 is smaller."), scored on its action part at

@@ -1,7 +1,7 @@
 """Is a slow run the seed's or the host's? rl4vlm.py's SFT, timed against a fixed-work gauge.
 
-    python tools/sft_speed.py --task points24 --seed 3            # the README's Points24 SFT, 2,500 steps
-    python tools/sft_speed.py --every 50 --task numberline --sft-steps 200
+    python dev/sft_speed.py --task points24 --seed 3            # the README's Points24 SFT, 2,500 steps
+    python dev/sft_speed.py --every 50 --task numberline --sft-steps 200
 
 Any rl4vlm.py flag passes through. RL is skipped (--num-updates 0 --eval-episodes 0), and the model
 goes to a new temporary folder unless --save-dir is given, so no run of yours is overwritten.
