@@ -1044,16 +1044,17 @@ def log_eval(when, result):
 
 
 def check_reading(agent, args, run):
-    """After SFT, the reading probe (read_probe). A field misread in more than one probe state gets more SFT
-    at the last learning rate, a tenth of --sft-steps at a time, up to half as many again: the vision
-    encoder stays frozen in RL, which cannot teach reading. One line names each field not read everywhere.
-    -> the SFT steps beyond --sft-steps so far."""
+    """After SFT, the reading probe (read_probe). A field read in half the probe states or more, but misread
+    in more than one, gets more SFT at the last learning rate, a tenth of --sft-steps at a time, up to half
+    as many again: the vision encoder stays frozen in RL, which cannot teach reading. (A field read in
+    fewer than half never learned to read: more of the same SFT does not teach it, docs/LOG.md.) One line
+    names each field not read everywhere. -> the SFT steps beyond --sft-steps so far."""
     extra = run.results.get("sft_extra", 0)
     if args.no_cot:  # without thoughts there are no state fields to read
         return extra
     run.results["reading"] = shares = read_probe(agent, args, PROBE_STATES)[0]
     missed = [f'"{f}" in {100 * s:.0f}%' for f, s in shares.items() if s < 1]
-    if any(round((1 - s) * PROBE_STATES) > 1 for s in shares.values()) and extra < args.sft_steps // 2:
+    if any(s >= 0.5 and round((1 - s) * PROBE_STATES) > 1 for s in shares.values()) and extra < args.sft_steps // 2:
         run.results["sft_extra"] = extra = extra + max(args.sft_steps // 10, 1)
         log(f"SFT reads {', '.join(missed)} of the probe states: {max(args.sft_steps // 10, 1)} more SFT steps")
     else:

@@ -1340,9 +1340,9 @@ def test_sft_restarts_demo_episodes_for_more_start_states(tiny, monkeypatch, res
 
 @pytest.mark.parametrize("reads_after", [1, None])
 def test_sft_goes_on_while_a_field_is_misread(tiny, monkeypatch, tmp_path, reads_after):
-    """After --sft-steps, the reading probe: a field misread in more than one of its 96 states gets a tenth
-    of --sft-steps more (at the last learning rate), up to half as many again; a miss in one state is
-    sampling's luck. The run says what it reads, and results.json holds the shares and the extra steps."""
+    """After --sft-steps, the reading probe: a field misread in more than one of its 96 states, but read in
+    half of them or more, gets a tenth of --sft-steps more (at the last learning rate), up to half as many
+    again; a miss in one state is sampling's luck; a field read in fewer than half never learned to read. The run says what it reads, and results.json holds the shares and the extra steps."""
     probes, steps, lrs, printed = [], [], [], []
     read = {"current number": 1.0, "target number": 1.0}
     misread = {"current number": 1.0, "target number": 94 / 96}
@@ -1368,6 +1368,10 @@ def test_sft_goes_on_while_a_field_is_misread(tiny, monkeypatch, tmp_path, reads
     one_miss = {"current number": 1.0, "target number": 95 / 96}
     monkeypatch.setattr(R, "read_probe", lambda *a: (one_miss, [], []))
     assert R.check_reading(None, args, R.Run("x", collections.deque())) == 0  # one state: no more steps
+    never = {"current number": 1.0, "target number": 47 / 96}  # under half: it never learned to read it
+    monkeypatch.setattr(R, "read_probe", lambda *a: (never, [], []))
+    assert R.check_reading(None, args, R.Run("x", collections.deque())) == 0
+    assert printed[-1] == 'SFT reads "target number" in 49% of the probe states; more --sft-steps may help'
 
 
 def _agent(model, processor, value_head=None, ref=None):
