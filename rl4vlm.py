@@ -1054,9 +1054,10 @@ def check_reading(agent, args, run):
         return extra
     run.results["reading"] = shares = read_probe(agent, args, PROBE_STATES)[0]
     missed = [f'"{f}" in {100 * s:.0f}%' for f, s in shares.items() if s < 1]
+    more = max(args.sft_steps // 10, 1)
     if any(s >= 0.5 and round((1 - s) * PROBE_STATES) > 1 for s in shares.values()) and extra < args.sft_steps // 2:
-        run.results["sft_extra"] = extra = extra + max(args.sft_steps // 10, 1)
-        log(f"SFT reads {', '.join(missed)} of the probe states: {max(args.sft_steps // 10, 1)} more SFT steps")
+        run.results["sft_extra"] = extra = extra + more
+        log(f"SFT reads {', '.join(missed)} of the probe states: {more} more SFT steps")
     else:
         log(f"SFT reads {', '.join(missed)} of the probe states; more --sft-steps may help" if missed else
             f"SFT reads every field ({', '.join(shares)}) in all the probe states")
