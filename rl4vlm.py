@@ -60,7 +60,7 @@ RECIPE = dict(sft_steps=1300, sft_batch_size=32, sft_expert_prob=1.0, sft_restar
               eval_envs=None)  # None: as --eval-episodes, as --num-envs
 TASK_RECIPES = {
     "numberline": dict(sft_batch_size=64, sft_expert_prob=0.25),
-    "ezpoints": dict(sft_steps=2000, sft_restart_prob=0.5, num_updates=20),
+    "ezpoints": dict(sft_steps=2000, sft_restart_prob=0.5, sft_warmup=200, num_updates=20),
     "points24": dict(sft_steps=2500, sft_batch_size=64, sft_restart_prob=0.5, sft_warmup=200, num_updates=20,
                      num_envs=16, lr=3e-5, eval_envs=8),
     "blackjack": dict(sft_expert_prob=0.25, sft_warmup=200, num_updates=200, num_envs=16, num_steps=8, kl_coef=2.0,

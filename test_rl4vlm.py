@@ -700,7 +700,7 @@ TABLE_1 = {
     "numberline": dict(sft_steps=1300, sft_batch_size=64, sft_expert_prob=0.25, sft_restart_prob=0.0, sft_warmup=0,
                        num_updates=100, num_envs=8, num_steps=16, lr=1e-4, kl_coef=1.0, eval_episodes=200,
                        eval_start_episodes=200, eval_envs=8),
-    "ezpoints": dict(sft_steps=2000, sft_batch_size=32, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=0,
+    "ezpoints": dict(sft_steps=2000, sft_batch_size=32, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=200,
                      num_updates=20, num_envs=8, num_steps=16, lr=1e-4, kl_coef=1.0, eval_episodes=200,
                      eval_start_episodes=200, eval_envs=8),
     "points24": dict(sft_steps=2500, sft_batch_size=64, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=200,
