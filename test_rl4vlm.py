@@ -1796,6 +1796,9 @@ def test_cli_short_run_writes_metrics_and_model(tmp_path):
     r5 = reading(PROBES, "--policy")
     assert r5.returncode == 1 and r5.stderr.strip() == ("reading.py: error: --policy is for Blackjack and "
                                                         "NumberLine; this model plays ezpoints")
+    r6 = reading(PROBES, "--three-cards")
+    assert r6.returncode == 1 and r6.stderr.strip() == ("reading.py: error: --three-cards is for Blackjack; "
+                                                        "this model plays ezpoints")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -2842,3 +2845,24 @@ def test_reading_policy_table_win_rate_is_exact():
     assert stand < expert and half < expert and half != stand
     mixed = rd["table_win_rate"]({(h, r): 0.75 if a == "hit" else 0.25 for h, r, a in keys})
     assert half < mixed < expert
+
+
+def test_reading_three_card_hands_and_their_win_chances():
+    """dev/reading.py --three-cards: hands of three cards under 21, the same ones each time; the exact
+    chances to win by standing and by hitting: choosing as the expert at every deal gives its 42.95%."""
+    rd = runpy.run_path(PROBES)
+    b = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "baselines.py"))
+    pool = rd["three_card_states"](12)
+    assert pool.active == list(range(12)) and len(pool.obs) == len(pool.envs) == 12
+    assert all(len(i["player_cards"]) == 3 and i["player_total"] < 21 for i in pool.infos)
+    assert pool.infos == rd["three_card_states"](12).infos
+    chances = rd["win_chances"]
+
+    def expert(hard, ace, up):
+        stand, hit = chances(hard, ace, up)
+        return hit if envs.blackjack_expert_hits(hard, ace, up) else stand
+    dealt = sum(pu * pa * pb * expert(a + b, 1 in (a, b), up)
+                for up, pu in envs.DRAW for a, pa in envs.DRAW for b, pb in envs.DRAW)
+    assert abs(dealt - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12
+    assert chances(20, False, 10)[0] > chances(20, False, 10)[1]  # stand on 20
+    assert chances(11, False, 6)[1] > chances(11, False, 6)[0]  # hit 11

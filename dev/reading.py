@@ -2,6 +2,7 @@
 
     python dev/reading.py runs/p24-s1/model --play                # formula games, NumberLine
     python dev/reading.py runs/bj-s1/model --policy               # Blackjack, NumberLine
+    python dev/reading.py runs/bj-s1/model --three-cards --states 192     # Blackjack
 
 Beyond tools/reading.py's reading probe (printed too). --play plays the probe start states to the end
 and says where an episode is lost: in a formula game, a plan that stops solving the cards or an action
@@ -11,11 +12,13 @@ card, 8 times each: how often it hits, each choice that differs from the expert'
 programming) marked, and the exact win rate of the policy the table describes (sampled as the model
 samples, and its majority choice); in NumberLine, each start state 8 times: do the thoughts relate the
 numbers right ("... is larger"), does the action follow them, and where not. Probes, no evaluation
-episode played. In formula games it also checks the plan the thoughts write: does it use each card
-once and make the target?
+episode played. --three-cards: Blackjack's hands after one hit, which the start states never show: are
+they read, and what do their actions cost in the chance to win? In formula games it also checks the
+plan the thoughts write: does it use each card once and make the target?
 """
 import argparse
 import collections
+import functools
 import os
 import random
 import sys
@@ -140,6 +143,37 @@ def table_win_rate(hit_share):
     return exact_win_rate(hits)
 
 
+def three_card_states(n):
+    """Blackjack: n hands of three cards under 21, each a probe deal with one card more ("hit"), hands
+    that bust or make 21 skipped. -> an EnvPool of those hands."""
+    import envs
+    pool, j = envs.EnvPool("blackjack", []), 0
+    while len(pool.envs) < n:
+        env = envs.make("blackjack")
+        env.reset(seed=envs.episode_seed("probe", j))
+        j += 1
+        obs, _, done, _, info = env.step(env.action_names.index("hit"))
+        if not done and info["player_total"] < 21:
+            pool.envs.append(env), pool.obs.append(obs), pool.infos.append(info), pool.returns.append(0.0)
+    pool.active = list(range(n))
+    return pool
+
+
+@functools.lru_cache(maxsize=None)
+def win_chances(hard, ace, up):
+    """Blackjack, exact (infinite deck): the chance to win by standing and by hitting (the expert playing
+    on), from a hand of hard value `hard` (aces as 1) against the dealer's up-card value `up`."""
+    import envs
+    total = envs._best(hard, ace)
+    stand = sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
+    hit = 0.0
+    for v, p in envs.DRAW:
+        if hard + v <= 21:
+            s, h = win_chances(hard + v, ace or v == 1, up)
+            hit += p * (h if envs.blackjack_expert_hits(hard + v, ace or v == 1, up) else s)
+    return stand, hit
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a run's folder, or its model/ (written by rl4vlm.py)")
@@ -149,6 +183,8 @@ if __name__ == "__main__":
                    "each dealer card, against the expert; NumberLine: do its actions follow its thoughts")
     p.add_argument("--play", action="store_true", help="play the start states to the end; formula games: check "
                    "each step's action against the thoughts' plan; NumberLine: where the wrong moves are")
+    p.add_argument("--three-cards", action="store_true", help="Blackjack: read hands of three cards (a probe deal "
+                   "and one hit), and what their actions cost against the best choice")
     args = p.parse_args()
     if args.states < 1 or args.batch < 1:
         p.error("--states and --batch must be positive")
@@ -160,6 +196,8 @@ if __name__ == "__main__":
     from tools.reading import load
     agent, run_args = load(args.model)
     task = run_args.task
+    if args.three_cards and task != "blackjack":
+        sys.exit(f"reading.py: error: --three-cards is for Blackjack; this model plays {task}")
     if args.play and task == "blackjack" or args.policy and task not in ("blackjack", "numberline"):
         sys.exit(f"reading.py: error: --{'play' if args.play else 'policy'} is for "
                  f"{'the formula games and NumberLine' if args.play else 'Blackjack and NumberLine'}; "
@@ -237,3 +275,20 @@ if __name__ == "__main__":
         print(f"  exact win rate of this table's policy (infinite deck; 3+ cards play their total's row): "
               f"sampled {100 * table_win_rate(share):.2f}%, its majority {100 * table_win_rate(majority):.2f}%, "
               f"the expert {100 * table_win_rate(expert):.2f}%")
+    if args.three_cards:
+        pool3 = three_card_states(args.states)
+        asks, texts = rl4vlm.prompts(pool3, True), []
+        for i in range(0, args.states, args.batch):
+            texts += answer(asks[i:i + args.batch], pool3.obs[i:i + args.batch])
+        print(f"  {args.states} hands of three cards: " + ", ".join(
+            f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, texts, pool3.infos).items()))
+        cost = better = 0.0
+        for text, info in zip(texts, pool3.infos):
+            hard = sum(envs.VALUE[r] for r in info["player_cards"])
+            stand, hit = win_chances(hard, "A" in info["player_cards"], envs.VALUE[info["dealer_card"]])
+            a = rl4vlm.parse_action(text, pool3.action_names)
+            chosen = (stand + hit) / 2 if a is None else hit if pool3.action_names[a] == "hit" else stand
+            cost += max(stand, hit) - chosen
+            better += a is not None and pool3.action_names[a] == ("hit" if hit > stand else "stand")
+        print(f"  their actions: the better choice in {100 * better / args.states:.1f}%; the chance to win lost "
+              f"against always the better choice: {100 * cost / args.states:.2f} points a three-card hand")
