@@ -2849,14 +2849,15 @@ def test_reading_policy_table_win_rate_is_exact():
 
 def test_reading_three_card_hands_and_their_win_chances():
     """dev/reading.py --three-cards: hands of three cards under 21, the same ones each time; the exact
-    chances to win by standing and by hitting: choosing as the expert at every deal gives its 42.95%."""
+    chances to win by standing and by hitting (tools/baselines.py): choosing as the expert at every deal
+    gives its 42.95%."""
     rd = runpy.run_path(PROBES)
     b = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "baselines.py"))
-    pool = rd["three_card_states"](12)
-    assert pool.active == list(range(12)) and len(pool.obs) == len(pool.envs) == 12
-    assert all(len(i["player_cards"]) == 3 and i["player_total"] < 21 for i in pool.infos)
-    assert pool.infos == rd["three_card_states"](12).infos
-    chances = rd["win_chances"]
+    hands = rd["three_card_states"](12)
+    assert len(hands) == 12 and all(obs.shape == (224, 224, 3) for obs, _ in hands)
+    assert all(len(i["player_cards"]) == 3 and i["player_total"] < 21 for _, i in hands)
+    assert [i for _, i in hands] == [i for _, i in rd["three_card_states"](12)]
+    chances = b["policy_chances"](envs.blackjack_expert_hits)[0]
 
     def expert(hard, ace, up):
         stand, hit = chances(hard, ace, up)

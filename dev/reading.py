@@ -18,7 +18,6 @@ plan the thoughts write: does it use each card once and make the target?
 """
 import argparse
 import collections
-import functools
 import os
 import random
 import sys
@@ -145,33 +144,16 @@ def table_win_rate(hit_share):
 
 def three_card_states(n):
     """Blackjack: n hands of three cards under 21, each a probe deal with one card more ("hit"), hands
-    that bust or make 21 skipped. -> an EnvPool of those hands."""
+    that bust or make 21 skipped. -> [(obs, info)]."""
     import envs
-    pool, j = envs.EnvPool("blackjack", []), 0
-    while len(pool.envs) < n:
-        env = envs.make("blackjack")
+    env, hands, j = envs.make("blackjack"), [], 0
+    while len(hands) < n:
         env.reset(seed=envs.episode_seed("probe", j))
         j += 1
         obs, _, done, _, info = env.step(env.action_names.index("hit"))
         if not done and info["player_total"] < 21:
-            pool.envs.append(env), pool.obs.append(obs), pool.infos.append(info), pool.returns.append(0.0)
-    pool.active = list(range(n))
-    return pool
-
-
-@functools.lru_cache(maxsize=None)
-def win_chances(hard, ace, up):
-    """Blackjack, exact (infinite deck): the chance to win by standing and by hitting (the expert playing
-    on), from a hand of hard value `hard` (aces as 1) against the dealer's up-card value `up`."""
-    import envs
-    total = envs._best(hard, ace)
-    stand = sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
-    hit = 0.0
-    for v, p in envs.DRAW:
-        if hard + v <= 21:
-            s, h = win_chances(hard + v, ace or v == 1, up)
-            hit += p * (h if envs.blackjack_expert_hits(hard + v, ace or v == 1, up) else s)
-    return stand, hit
+            hands.append((obs, info))
+    return hands
 
 
 if __name__ == "__main__":
@@ -276,19 +258,23 @@ if __name__ == "__main__":
               f"sampled {100 * table_win_rate(share):.2f}%, its majority {100 * table_win_rate(majority):.2f}%, "
               f"the expert {100 * table_win_rate(expert):.2f}%")
     if args.three_cards:
-        pool3 = three_card_states(args.states)
-        asks, texts = rl4vlm.prompts(pool3, True), []
+        from tools.baselines import policy_chances
+        chances = policy_chances(envs.blackjack_expert_hits)[0]  # the expert playing on after a hit
+        hands = three_card_states(args.states)
+        asks = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, info in hands]
+        texts = []
         for i in range(0, args.states, args.batch):
-            texts += answer(asks[i:i + args.batch], pool3.obs[i:i + args.batch])
+            texts += answer(asks[i:i + args.batch], [obs for obs, _ in hands[i:i + args.batch]])
+        infos = [info for _, info in hands]
         print(f"  {args.states} hands of three cards: " + ", ".join(
-            f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, texts, pool3.infos).items()))
+            f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, texts, infos).items()))
         cost = better = 0.0
-        for text, info in zip(texts, pool3.infos):
+        for text, info in zip(texts, infos):
             hard = sum(envs.VALUE[r] for r in info["player_cards"])
-            stand, hit = win_chances(hard, "A" in info["player_cards"], envs.VALUE[info["dealer_card"]])
-            a = rl4vlm.parse_action(text, pool3.action_names)
-            chosen = (stand + hit) / 2 if a is None else hit if pool3.action_names[a] == "hit" else stand
+            stand, hit = chances(hard, "A" in info["player_cards"], envs.VALUE[info["dealer_card"]])
+            a = rl4vlm.parse_action(text, pool.action_names)
+            chosen = (stand + hit) / 2 if a is None else hit if pool.action_names[a] == "hit" else stand
             cost += max(stand, hit) - chosen
-            better += a is not None and pool3.action_names[a] == ("hit" if hit > stand else "stand")
+            better += a is not None and pool.action_names[a] == ("hit" if hit > stand else "stand")
         print(f"  their actions: the better choice in {100 * better / args.states:.1f}%; the chance to win lost "
               f"against always the better choice: {100 * cost / args.states:.2f} points a three-card hand")

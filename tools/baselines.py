@@ -39,17 +39,30 @@ def expert_except(n, soft):
     return hits
 
 
+def policy_chances(hits):
+    """Exact chances to win on the infinite deck under a policy hits(hard, ace, up) -> True to hit, or the
+    probability of hitting (a sampled policy), from a hand of hard value `hard` (aces as 1) against the
+    dealer's up-card value `up`. -> (chances, playing): chances(hand) = (the chance by standing, by hitting
+    and then playing the policy); playing(hand) = the chance with the policy choosing."""
+    @functools.lru_cache(maxsize=None)
+    def chances(hard, ace, up):
+        total = envs._best(hard, ace)  # stand: win when the dealer ends lower or busts (final total 0)
+        stand = sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
+        hit = sum(p * playing(hard + v, ace or v == 1, up) for v, p in envs.DRAW if hard + v <= 21)
+        return stand, hit
+
+    def playing(hard, ace, up):
+        h = float(hits(hard, ace, up))
+        stand, hit = chances(hard, ace, up)
+        return h * hit + (1 - h) * stand
+    return chances, playing
+
+
 def exact_win_rate(hits):
     """Exact win rate on the infinite deck, summed over every deal, of a policy hits(hard, ace, up) -> True
     to hit, or the probability of hitting (a sampled policy)."""
-    @functools.lru_cache(maxsize=None)
-    def win(hard, ace, up):  # probability of winning from a player's hand, dealer up-card value `up`
-        h = float(hits(hard, ace, up))
-        total = envs._best(hard, ace)  # stand: win when the dealer ends lower or busts (final total 0)
-        stand = 0.0 if h == 1 else sum(p for final, p in envs._dealer_final(up, up == 1).items() if total > final)
-        hit = 0.0 if h == 0 else sum(p * win(hard + v, ace or v == 1, up) for v, p in envs.DRAW if hard + v <= 21)
-        return h * hit + (1 - h) * stand
-    return sum(pu * pa * pb * win(a + b, 1 in (a, b), up)
+    playing = policy_chances(hits)[1]
+    return sum(pu * pa * pb * playing(a + b, 1 in (a, b), up)
                for up, pu in envs.DRAW for a, pa in envs.DRAW for b, pb in envs.DRAW)
 
 
