@@ -2867,3 +2867,32 @@ def test_reading_three_card_hands_and_their_win_chances():
     assert abs(dealt - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12
     assert chances(20, False, 10)[0] > chances(20, False, 10)[1]  # stand on 20
     assert chances(11, False, 6)[1] > chances(11, False, 6)[0]  # hit 11
+
+
+def test_reading_every_deal_and_its_exact_win_rate():
+    """dev/reading.py --all-deals: every two-card deal against every up-card, each once; the exact win rate
+    of choices known deal by deal is the expert's 42.95% for the expert's choices, and for any policy of
+    the hand's total alone it is tools/baselines.py's rate of that policy. The expert maximizes the return,
+    not the chance to win, so it gives a little of that away (most in hard 12-16); choices that differ
+    between the cards making one total count as such (hitting soft 20 only with the ace second)."""
+    rd = runpy.run_path(PROBES)
+    b = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools", "baselines.py"))
+    deals = rd["every_deal"]()
+    infos = [info for _, info in deals]
+    assert len(deals) == 13 ** 3 and deals[0][0].shape == (224, 224, 3)
+    assert len({(*i["player_cards"], i["dealer_card"]) for i in infos}) == 13 ** 3
+    assert [i["player_cards"] for i in infos] == [i["player_cards"] for _, i in rd["every_deal"]()]
+
+    def by_total(policy):
+        return [float(policy(sum(envs.VALUE[r] for r in i["player_cards"]), "A" in i["player_cards"],
+                             envs.VALUE[i["dealer_card"]])) for i in infos]
+    rate, lost = rd["deals_win_rate"](infos, by_total(envs.blackjack_expert_hits))
+    assert abs(rate - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12 and 0.429 < rate < 0.4316
+    assert 0 <= min(lost.values()) and max(lost.values()) == lost["hard 12-16"] < 0.002
+    below17 = lambda hard, ace, up: envs._best(hard, ace) < 17  # noqa: E731
+    assert abs(rd["deals_win_rate"](infos, by_total(below17))[0] - b["exact_win_rate"](below17)) < 1e-12
+    expert = by_total(envs.blackjack_expert_hits)
+    second = [1.0 if i["player_cards"][1] == "A" and i["player_cards"][0] in ("9",) else h
+              for i, h in zip(infos, expert)]  # hit soft 20 when the ace comes second
+    rate2, lost2 = rd["deals_win_rate"](infos, second)
+    assert rate2 < rate - 0.0005 and lost2["soft"] > lost["soft"] + 0.0005 and lost2["hard 12-16"] == lost["hard 12-16"]

@@ -3,6 +3,7 @@
     python dev/reading.py runs/p24-s1/model --play                # formula games, NumberLine
     python dev/reading.py runs/bj-s1/model --policy               # Blackjack, NumberLine
     python dev/reading.py runs/bj-s1/model --three-cards --states 192     # Blackjack
+    python dev/reading.py runs/bj-s1/model --all-deals            # Blackjack
 
 Beyond tools/reading.py's reading probe (printed too). --play plays the probe start states to the end
 and says where an episode is lost: in a formula game, a plan that stops solving the cards or an action
@@ -13,8 +14,11 @@ programming) marked, and the exact win rate of the policy the table describes (s
 samples, and its majority choice); in NumberLine, each start state 8 times: do the thoughts relate the
 numbers right ("... is larger"), does the action follow them, and where not. Probes, no evaluation
 episode played. --three-cards: Blackjack's hands after one hit, which the start states never show: are
-they read, and what do their actions cost in the chance to win? In formula games it also checks the
-plan the thoughts write: does it use each card once and make the target?
+they read, and what do their actions cost in the chance to win? --all-deals: Blackjack's every deal of two
+cards against every dealer card, 4 times each: totals made by other cards than --policy's one pair per
+row (a 7 and a 5, not a 10 and a 2; the ace second), and the exact win rate of the choices made there.
+In formula games it also checks the plan the thoughts write: does it use each card once and make the
+target?
 """
 import argparse
 import collections
@@ -142,6 +146,50 @@ def table_win_rate(hit_share):
     return exact_win_rate(hits)
 
 
+def every_deal():
+    """Blackjack: every deal of two player cards (13 x 13 ranks, in order) against every dealer up-card
+    (13), 2,197 in all, each as likely as the infinite deck makes it: [(obs, info)]. The suits and the
+    face-down card come from a fixed generator."""
+    import envs
+    env, rng, deals = envs.make("blackjack"), random.Random(0), []
+    for up in envs.RANKS:
+        for a in envs.RANKS:
+            for b in envs.RANKS:
+                deals.append(env.reset(seed=rng.randrange(2 ** 31),
+                                       options={"player": [a, b], "dealer": [up, rng.choice(envs.RANKS)]}))
+    return deals
+
+
+def deals_win_rate(infos, hit_share):
+    """Exact win rate (infinite deck) of a policy known at every two-card deal: hit_share[i], the share of
+    answers that hit at infos[i] (every_deal()'s). The first choice is each deal's own; a hand of three or
+    more cards plays the mean share of the deals with its total, hard or soft, against its dealer value (a
+    21 stands). -> (win rate, {kind of hand: chance to win lost against the better first choice})."""
+    import envs
+    from tools.baselines import policy_chances
+    hands, rows = [], collections.defaultdict(list)
+    for info, h in zip(infos, hit_share):
+        hard, ace = sum(envs.VALUE[r] for r in info["player_cards"]), "A" in info["player_cards"]
+        up, total = envs.VALUE[info["dealer_card"]], envs._best(hard, ace)
+        hands.append((hard, ace, up, h))
+        rows[total, total != hard, up].append(h)
+
+    def hits(hard, ace, up):  # after a hit: the mean of the two-card deals with the same total
+        total = envs._best(hard, ace)
+        if total >= 21:
+            return 0.0
+        row = rows[total, total != hard, up]
+        return sum(row) / len(row)
+    chances = policy_chances(hits)[0]
+    rate, lost = 0.0, collections.Counter()
+    for hard, ace, up, h in hands:
+        stand, hit = chances(hard, ace, up)
+        rate += h * hit + (1 - h) * stand
+        kind = "soft" if envs._best(hard, ace) != hard else "hard 12-16" if 12 <= hard <= 16 else "hard, other"
+        lost[kind] += max(stand, hit) - (h * hit + (1 - h) * stand)
+    return rate / len(hands), {kind: v / len(hands) for kind, v in sorted(lost.items())}
+
+
 def three_card_states(n):
     """Blackjack: n hands of three cards under 21, each a probe deal with one card more ("hit"), hands
     that bust or make 21 skipped. -> [(obs, info)]."""
@@ -165,6 +213,8 @@ if __name__ == "__main__":
                    "each dealer card, against the expert; NumberLine: do its actions follow its thoughts")
     p.add_argument("--play", action="store_true", help="play the start states to the end; formula games: check "
                    "each step's action against the thoughts' plan; NumberLine: where the wrong moves are")
+    p.add_argument("--all-deals", action="store_true", help="Blackjack: every two-card deal against every dealer "
+                   "card, 4 times each, and the exact win rate of the choices made there")
     p.add_argument("--three-cards", action="store_true", help="Blackjack: read hands of three cards (a probe deal "
                    "and one hit), and what their actions cost against the best choice")
     args = p.parse_args()
@@ -178,8 +228,9 @@ if __name__ == "__main__":
     from tools.reading import load
     agent, run_args = load(args.model)
     task = run_args.task
-    if args.three_cards and task != "blackjack":
-        sys.exit(f"reading.py: error: --three-cards is for Blackjack; this model plays {task}")
+    for flag in ("three_cards", "all_deals"):
+        if getattr(args, flag) and task != "blackjack":
+            sys.exit(f"reading.py: error: --{flag.replace('_', '-')} is for Blackjack; this model plays {task}")
     if args.play and task == "blackjack" or args.policy and task not in ("blackjack", "numberline"):
         sys.exit(f"reading.py: error: --{'play' if args.play else 'policy'} is for "
                  f"{'the formula games and NumberLine' if args.play else 'Blackjack and NumberLine'}; "
@@ -278,3 +329,19 @@ if __name__ == "__main__":
             better += a is not None and pool.action_names[a] == ("hit" if hit > stand else "stand")
         print(f"  their actions: the better choice in {100 * better / args.states:.1f}%; the chance to win lost "
               f"against always the better choice: {100 * cost / args.states:.2f} points a three-card hand")
+    if args.all_deals:
+        deals, k, texts = every_deal(), 4, []
+        asks = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, info in deals] * k
+        images, infos = [obs for obs, _ in deals] * k, [info for _, info in deals]
+        for i in range(0, len(asks), args.batch):
+            texts += answer(asks[i:i + args.batch], images[i:i + args.batch])
+        hits = [0.0] * len(deals)
+        for i, text in enumerate(texts):  # no single legal action: a coin flip, as in play
+            a = rl4vlm.parse_action(text, pool.action_names)
+            hits[i % len(deals)] += (0.5 if a is None else pool.action_names[a] == "hit") / k
+        rate, lost = deals_win_rate(infos, hits)
+        print(f"  every two-card deal against every dealer card ({len(deals)}), {k} answers each: " + ", ".join(
+            f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, texts, infos * k).items()))
+        print(f"  exact win rate of its choices there (a hand of 3+ cards as its total's deals): {100 * rate:.2f}%; "
+              "the chance lost against the better first choice: "
+              + ", ".join(f"{kind} {100 * v:.2f}" for kind, v in lost.items()) + " points")
