@@ -2889,10 +2889,11 @@ def test_reading_every_deal_and_its_exact_win_rate():
     rate, lost = rd["deals_win_rate"](infos, by_total(envs.blackjack_expert_hits))
     assert abs(rate - b["exact_win_rate"](envs.blackjack_expert_hits)) < 1e-12 and 0.429 < rate < 0.4316
     assert 0 <= min(lost.values()) and max(lost.values()) == lost["hard 12-16"] < 0.002
-    below17 = lambda hard, ace, up: envs._best(hard, ace) < 17  # noqa: E731
+
+    def below17(hard, ace, up):
+        return envs._best(hard, ace) < 17
     assert abs(rd["deals_win_rate"](infos, by_total(below17))[0] - b["exact_win_rate"](below17)) < 1e-12
     expert = by_total(envs.blackjack_expert_hits)
-    second = [1.0 if i["player_cards"][1] == "A" and i["player_cards"][0] in ("9",) else h
-              for i, h in zip(infos, expert)]  # hit soft 20 when the ace comes second
+    second = [1.0 if i["player_cards"] == ["9", "A"] else h for i, h in zip(infos, expert)]  # soft 20, the ace second
     rate2, lost2 = rd["deals_win_rate"](infos, second)
     assert rate2 < rate - 0.0005 and lost2["soft"] > lost["soft"] + 0.0005 and lost2["hard 12-16"] == lost["hard 12-16"]
