@@ -2897,3 +2897,14 @@ def test_reading_every_deal_and_its_exact_win_rate():
     second = [1.0 if i["player_cards"] == ["9", "A"] else h for i, h in zip(infos, expert)]  # soft 20, the ace second
     rate2, lost2 = rd["deals_win_rate"](infos, second)
     assert rate2 < rate - 0.0005 and lost2["soft"] > lost["soft"] + 0.0005 and lost2["hard 12-16"] == lost["hard 12-16"]
+
+
+def test_reading_hits_of_an_answer():
+    """dev/reading.py's share of an answer that hits: 1 for "hit", 0 for "stand", 0.5 (a coin flip, as a run
+    plays it) for an answer naming no single legal action."""
+    rd = runpy.run_path(PROBES)
+    names = envs.TASKS["blackjack"].action_names
+    assert rd["hits_of"]('{"thoughts": "I have 12.", "action": "hit"}', names) == 1.0
+    assert rd["hits_of"]('{"thoughts": "I have 20.", "action": "stand"}', names) == 0.0
+    assert rd["hits_of"]('{"thoughts": "I have 20.", "action": "double"}', names) == 0.5
+    assert rd["hits_of"]("no json at all", names) == 0.5

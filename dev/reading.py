@@ -126,6 +126,14 @@ def blackjack_states():
     return out
 
 
+def hits_of(text, names):
+    """Blackjack: how much an answer hits: 1 or 0, or 0.5 when it names no single legal action (a coin flip
+    is played then, as in a run)."""
+    import rl4vlm
+    a = rl4vlm.parse_action(text, names)
+    return 0.5 if a is None else float(names[a] == "hit")
+
+
 def table_win_rate(hit_share):
     """Exact win rate (infinite deck) of the policy a --policy table describes. hit_share: {(hand, rank):
     share of answers that hit} over blackjack_states()' hands. A hand of three or more cards plays its
@@ -184,9 +192,10 @@ def deals_win_rate(infos, hit_share):
     rate, lost = 0.0, collections.Counter()
     for hard, ace, up, h in hands:
         stand, hit = chances(hard, ace, up)
-        rate += h * hit + (1 - h) * stand
+        chosen = h * hit + (1 - h) * stand
+        rate += chosen
         kind = "soft" if envs._best(hard, ace) != hard else "hard 12-16" if 12 <= hard <= 16 else "hard, other"
-        lost[kind] += max(stand, hit) - (h * hit + (1 - h) * stand)
+        lost[kind] += max(stand, hit) - chosen
     return rate / len(hands), {kind: v / len(hands) for kind, v in sorted(lost.items())}
 
 
@@ -286,9 +295,8 @@ if __name__ == "__main__":
         prompts = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, _, _, info, _ in states] * k
         images, hits = [obs for _, _, obs, _, _ in states] * k, collections.Counter()
         for i in range(0, len(prompts), args.batch):
-            for j, text in enumerate(answer(prompts[i:i + args.batch], images[i:i + args.batch])):  # no single legal action: a coin flip, as in play
-                a = rl4vlm.parse_action(text, pool.action_names)
-                hits[(i + j) % len(states)] += 0.5 if a is None else pool.action_names[a] == "hit"
+            for j, text in enumerate(answer(prompts[i:i + args.batch], images[i:i + args.batch])):
+                hits[(i + j) % len(states)] += hits_of(text, pool.action_names)
         ranks = [rank for _, rank, _, _, _ in states[:13]]
         print(f"  hits, out of {k} (* the expert does the other), hand (hard total, or soft: A and a card) against "
               "the dealer's card:")
@@ -323,10 +331,9 @@ if __name__ == "__main__":
         for text, info in zip(texts, infos):
             hard = sum(envs.VALUE[r] for r in info["player_cards"])
             stand, hit = chances(hard, "A" in info["player_cards"], envs.VALUE[info["dealer_card"]])
-            a = rl4vlm.parse_action(text, pool.action_names)
-            chosen = (stand + hit) / 2 if a is None else hit if pool.action_names[a] == "hit" else stand
-            cost += max(stand, hit) - chosen
-            better += a is not None and pool.action_names[a] == ("hit" if hit > stand else "stand")
+            h = hits_of(text, pool.action_names)
+            cost += max(stand, hit) - (h * hit + (1 - h) * stand)
+            better += h == (hit > stand)  # a coin flip (0.5) is neither
         print(f"  their actions: the better choice in {100 * better / args.states:.1f}%; the chance to win lost "
               f"against always the better choice: {100 * cost / args.states:.2f} points a three-card hand")
     if args.all_deals:
@@ -336,9 +343,8 @@ if __name__ == "__main__":
         for i in range(0, len(asks), args.batch):
             texts += answer(asks[i:i + args.batch], images[i:i + args.batch])
         hits = [0.0] * len(deals)
-        for i, text in enumerate(texts):  # no single legal action: a coin flip, as in play
-            a = rl4vlm.parse_action(text, pool.action_names)
-            hits[i % len(deals)] += (0.5 if a is None else pool.action_names[a] == "hit") / k
+        for i, text in enumerate(texts):
+            hits[i % len(deals)] += hits_of(text, pool.action_names) / k
         rate, lost = deals_win_rate(infos, hits)
         print(f"  every two-card deal against every dealer card ({len(deals)}), {k} answers each: " + ", ".join(
             f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, texts, infos * k).items()))
