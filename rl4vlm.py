@@ -63,7 +63,7 @@ TASK_RECIPES = {
     "ezpoints": dict(sft_steps=2000, sft_restart_prob=0.5, sft_warmup=200, num_updates=20),
     "points24": dict(sft_steps=2500, sft_batch_size=64, sft_restart_prob=0.5, sft_warmup=200, num_updates=20,
                      num_envs=16, lr=3e-5, eval_envs=8),
-    "blackjack": dict(sft_expert_prob=0.25, sft_warmup=200, num_updates=200, num_envs=16, num_steps=8, kl_coef=2.0,
+    "blackjack": dict(sft_expert_prob=0.5, sft_warmup=200, num_updates=200, num_envs=16, num_steps=8, kl_coef=2.0,
                       eval_episodes=10_000, eval_start_episodes=2000, eval_envs=96),
 }
 REAL = dict(sft_steps=0, num_envs=4, lr=1e-5, micro_batch_size=4, max_new_tokens=256, gradient_checkpointing=True,

@@ -706,7 +706,7 @@ TABLE_1 = {
     "points24": dict(sft_steps=2500, sft_batch_size=64, sft_expert_prob=1.0, sft_restart_prob=0.5, sft_warmup=200,
                      num_updates=20, num_envs=16, num_steps=16, lr=3e-5, kl_coef=1.0, eval_episodes=200,
                      eval_start_episodes=200, eval_envs=8),
-    "blackjack": dict(sft_steps=1300, sft_batch_size=32, sft_expert_prob=0.25, sft_restart_prob=0.0, sft_warmup=200,
+    "blackjack": dict(sft_steps=1300, sft_batch_size=32, sft_expert_prob=0.5, sft_restart_prob=0.0, sft_warmup=200,
                       num_updates=200, num_envs=16, num_steps=8, lr=1e-4, kl_coef=2.0, eval_episodes=10000,
                       eval_start_episodes=2000, eval_envs=96),
 }
