@@ -2908,3 +2908,15 @@ def test_reading_hits_of_an_answer():
     assert rd["hits_of"]('{"thoughts": "I have 20.", "action": "stand"}', names) == 0.0
     assert rd["hits_of"]('{"thoughts": "I have 20.", "action": "double"}', names) == 0.5
     assert rd["hits_of"]("no json at all", names) == 0.5
+
+
+def test_reading_play_then_policy_asks_every_probe_state(tmp_path):
+    """dev/reading.py --play --policy on NumberLine: --policy asks every probe state 8 times, whatever --play
+    played before it (its episodes run in pools of their own, a --batch at a time)."""
+    out = tmp_path / "run"
+    r = _run(*_tiny_cli(out, "--num-updates", "0", "--eval-episodes", "0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = subprocess.run([sys.executable, PROBES, str(out), "--states", "3", "--batch", "2", "--play", "--policy"],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "played to the end" in p.stdout and "24 answers (8 per state)" in p.stdout

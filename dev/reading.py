@@ -264,12 +264,12 @@ if __name__ == "__main__":
         steps, returns, rng = [], [], random.Random(0)
         for i in range(0, args.states, args.batch):  # each start state played once, a batch at a time
             seeds = [envs.episode_seed("probe", j) for j in range(i, min(i + args.batch, args.states))]
-            pool = envs.EnvPool(task, seeds, queue=iter([]))
-            while pool.active:
-                texts = answer(rl4vlm.prompts(pool, True), pool.observations())
-                actions, _ = rl4vlm.choose_actions(texts, pool.action_names, rng)
-                steps += [(pool.infos[e], t, pool.action_names[a]) for e, t, a in zip(pool.active, texts, actions)]
-                returns += pool.step(actions)[4]
+            game = envs.EnvPool(task, seeds, queue=iter([]))  # its own pool: --policy asks the probe's
+            while game.active:
+                texts = answer(rl4vlm.prompts(game, True), game.observations())
+                actions, _ = rl4vlm.choose_actions(texts, game.action_names, rng)
+                steps += [(game.infos[e], t, game.action_names[a]) for e, t, a in zip(game.active, texts, actions)]
+                returns += game.step(actions)[4]
         success = sum(r > 0 for r in returns) / len(returns)
         print(f"  played to the end: {len(steps)} steps, success {100 * success:.1f}%")
         if task == "numberline":
