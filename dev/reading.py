@@ -248,13 +248,15 @@ if __name__ == "__main__":
     torch.manual_seed(0)
 
     def answer(prompts, images):
-        """The model's sampled answers, one generate call."""
-        return rl4vlm.sample_answers(agent, gen_config, prompts, images)
+        """The model's sampled answers, one generate call per --batch prompts."""
+        texts = []
+        for i in range(0, len(prompts), args.batch):
+            texts += rl4vlm.sample_answers(agent, gen_config, prompts[i:i + args.batch], images[i:i + args.batch])
+        return texts
 
     pool = envs.EnvPool(task, [envs.episode_seed("probe", i) for i in range(args.states)])
-    prompts, answers = rl4vlm.prompts(pool, True), []
-    for i in range(0, args.states, args.batch):  # read_probe's answers, with the RNG going on from them
-        answers += answer(prompts[i:i + args.batch], pool.obs[i:i + args.batch])
+    prompts = rl4vlm.prompts(pool, True)
+    answers = answer(prompts, pool.obs)  # read_probe's answers, with the RNG going on from them
     print(f"{args.model} ({task}), {args.states} start states: "
           + ", ".join(f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, answers, pool.infos).items()))
     plan = plan_accuracy(task, answers, pool.infos)
@@ -281,9 +283,8 @@ if __name__ == "__main__":
                 print(f"  {name}: {100 * share:.1f}%")
     if args.policy and task == "numberline":
         k = 8
-        infos, asks, images, texts = pool.infos * k, prompts * k, list(pool.obs) * k, []
-        for i in range(0, len(infos), args.batch):
-            texts += answer(asks[i:i + args.batch], images[i:i + args.batch])
+        infos = pool.infos * k
+        texts = answer(prompts * k, list(pool.obs) * k)
         right, follows, wrong = relation_following(texts, infos)
         asked = collections.Counter(tuple(envs.TASKS[task].state_fields(info).values()) for info in infos)
         print(f"  {len(texts)} answers ({k} per state): the thoughts relate the numbers right {100 * right:.1f}%, "
@@ -294,9 +295,8 @@ if __name__ == "__main__":
         states, k = blackjack_states(), 8
         prompts = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, _, _, info, _ in states] * k
         images, hits = [obs for _, _, obs, _, _ in states] * k, collections.Counter()
-        for i in range(0, len(prompts), args.batch):
-            for j, text in enumerate(answer(prompts[i:i + args.batch], images[i:i + args.batch])):
-                hits[(i + j) % len(states)] += hits_of(text, pool.action_names)
+        for i, text in enumerate(answer(prompts, images)):
+            hits[i % len(states)] += hits_of(text, pool.action_names)
         ranks = [rank for _, rank, _, _, _ in states[:13]]
         print(f"  hits, out of {k} (* the expert does the other), hand (hard total, or soft: A and a card) against "
               "the dealer's card:")
@@ -321,9 +321,7 @@ if __name__ == "__main__":
         chances = policy_chances(envs.blackjack_expert_hits)[0]  # the expert playing on after a hit
         hands = three_card_states(args.states)
         asks = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, info in hands]
-        texts = []
-        for i in range(0, args.states, args.batch):
-            texts += answer(asks[i:i + args.batch], [obs for obs, _ in hands[i:i + args.batch]])
+        texts = answer(asks, [obs for obs, _ in hands])
         infos = [info for _, info in hands]
         print(f"  {args.states} hands of three cards: " + ", ".join(
             f"{f} {100 * s:.1f}%" for f, s in rl4vlm.field_shares(task, texts, infos).items()))
@@ -337,11 +335,9 @@ if __name__ == "__main__":
         print(f"  their actions: the better choice in {100 * better / args.states:.1f}%; the chance to win lost "
               f"against always the better choice: {100 * cost / args.states:.2f} points a three-card hand")
     if args.all_deals:
-        deals, k, texts = every_deal(), 4, []
+        deals, k = every_deal(), 4
         asks = [rl4vlm.build_prompt(task, pool.action_names, info, True) for _, info in deals] * k
-        images, infos = [obs for obs, _ in deals] * k, [info for _, info in deals]
-        for i in range(0, len(asks), args.batch):
-            texts += answer(asks[i:i + args.batch], images[i:i + args.batch])
+        texts, infos = answer(asks, [obs for obs, _ in deals] * k), [info for _, info in deals]
         hits = [0.0] * len(deals)
         for i, text in enumerate(texts):
             hits[i % len(deals)] += hits_of(text, pool.action_names) / k
